@@ -1,0 +1,480 @@
+"""Presets for DeepSeek-V3-style models and config-time validation (PAPER.md §1).
+
+`preset(name, **overrides)` returns a `DeepSeekV3Config`, a subclass of Megatron's
+`MLATransformerConfig` that adds the fields Megatron keeps elsewhere (vocab size, sequence
+length) and the paper's token schedules for gamma and lambda. Every config is validated
+when it is built: an impossible combination raises `ConfigError` naming the field, the value
+and the fix, before Megatron's own (terser) assertions and before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+FP8_TILE = 128  # PAPER.md §5: 1x128 activation tiles, 128x128 weight blocks
+
+
+class ConfigError(ValueError):
+    """An impossible configuration: names the field, the value and the fix."""
+
+    def __init__(self, field_name: str, value, rule: str, fix: str):
+        self.field_name = field_name
+        super().__init__(f"{field_name}={value!r}: {rule}. Fix: {fix}.")
+
+
+@dataclass(frozen=True)
+class StepSchedule:
+    """A piecewise-constant value over the fraction of the run's tokens consumed.
+
+    `steps` is ((start_fraction, value), ...) with the first start at 0.0; the paper's
+    schedules are in tokens of a 14.8T run and are scaled to any run length this way.
+    """
+
+    steps: tuple[tuple[float, float], ...]
+
+    def __post_init__(self):
+        starts = [s for s, _ in self.steps]
+        if not starts or starts[0] != 0.0 or starts != sorted(starts) or starts[-1] >= 1.0:
+            raise ConfigError(
+                "steps", self.steps, "a schedule starts at fraction 0.0 and increases below 1.0",
+                "give ((0.0, v0), (f1, v1), ...) with 0 < f1 < ... < 1",
+            )
+
+    def value_at(self, consumed_tokens: int, total_tokens: int) -> float:
+        fraction = consumed_tokens / total_tokens
+        value = self.steps[0][1]
+        for start, step_value in self.steps:
+            if fraction >= start:
+                value = step_value
+        return value
+
+
+# PAPER.md §3: gamma = 0.001 for the first 14.3T of 14.8T tokens, then 0.
+PAPER_GAMMA_SCHEDULE = StepSchedule(((0.0, 0.001), (14.3 / 14.8, 0.0)))
+# PAPER.md §4: lambda = 0.3 for the first 10T of 14.8T tokens, then 0.1.
+PAPER_MTP_LAMBDA_SCHEDULE = StepSchedule(((0.0, 0.3), (10.0 / 14.8, 0.1)))
+
+DISPATCHERS_ON_CPU = ("allgather",)
+
+
+@dataclass
+class DeepSeekV3Config(MLATransformerConfig):
+    """Megatron's MLATransformerConfig plus what a DeepSeek-V3 run also needs."""
+
+    vocab_size: int = 129280
+    seq_length: int = 4096
+    share_embeddings_and_output_weights: bool = False  # DeepSeek-V3 unties them
+    bias_update_rate_schedule: StepSchedule | None = PAPER_GAMMA_SCHEDULE
+    mtp_loss_scaling_schedule: StepSchedule | None = PAPER_MTP_LAMBDA_SCHEDULE
+    preset_name: str = "custom"
+
+    def __post_init__(self):
+        validate(self)
+        super().__post_init__()
+
+    def apply_token_schedules(self, consumed_tokens: int, total_tokens: int) -> None:
+        """Set gamma and lambda for the step about to run (both are read every step)."""
+        if self.bias_update_rate_schedule is not None:
+            self.moe_router_bias_update_rate = self.bias_update_rate_schedule.value_at(
+                consumed_tokens, total_tokens
+            )
+        if self.mtp_loss_scaling_schedule is not None and self.mtp_num_layers:
+            self.mtp_loss_scaling_factor = self.mtp_loss_scaling_schedule.value_at(
+                consumed_tokens, total_tokens
+            )
+
+    @property
+    def first_k_dense(self) -> int:
+        pattern = moe_layer_pattern(self)
+        return pattern.index(1) if 1 in pattern else self.num_layers
+
+
+def moe_layer_pattern(config: MLATransformerConfig) -> list[int]:
+    """1 for an MoE layer, 0 for a dense one, as Megatron reads `moe_layer_freq`."""
+    if config.num_moe_experts is None:
+        return [0] * config.num_layers
+    freq = config.moe_layer_freq
+    if isinstance(freq, int):
+        return [1 if i % freq == 0 else 0 for i in range(config.num_layers)]
+    return list(freq)
+
+
+def first_k_dense(num_layers: int, k: int) -> list[int]:
+    """`moe_layer_freq` for 'the first k layers dense, the rest MoE' (PAPER.md §1)."""
+    return [0] * k + [1] * (num_layers - k)
+
+
+_COMMON = dict(
+    normalization="RMSNorm",
+    layernorm_epsilon=1e-6,
+    gated_linear_unit=True,
+    activation_func=torch.nn.functional.silu,
+    add_bias_linear=False,
+    qk_layernorm=True,  # the RMSNorms after c^Q and c^KV (PAPER.md §1)
+    rope_type="rope",  # 4K pre-training; YaRN is the context extension (PAPER.md §1)
+    rotary_base=10000,
+    attention_dropout=0.0,
+    hidden_dropout=0.0,
+    moe_router_dtype="fp32",
+    moe_grouped_gemm=False,
+    bf16=False,
+    params_dtype=torch.float32,
+)
+
+_DEEPSEEK_V3_ROUTER = dict(
+    moe_router_score_function="sigmoid",
+    moe_router_enable_expert_bias=True,
+    moe_router_bias_update_rate=0.001,
+    moe_router_load_balancing_type="seq_aux_loss",
+    moe_aux_loss_coeff=1e-4,
+    moe_router_topk_scaling_factor=2.5,
+    moe_router_pre_softmax=True,
+)
+
+# One table, one row a preset. Numbers are PAPER.md §1 unless a comment says otherwise.
+PRESETS: dict[str, dict] = {
+    "deepseek-v3": dict(
+        **_COMMON,
+        **_DEEPSEEK_V3_ROUTER,
+        num_layers=61,
+        moe_layer_freq=first_k_dense(61, 3),
+        hidden_size=7168,
+        ffn_hidden_size=18432,
+        num_attention_heads=128,
+        q_lora_rank=1536,
+        kv_lora_rank=512,
+        qk_head_dim=128,
+        qk_pos_emb_head_dim=64,
+        v_head_dim=128,
+        num_moe_experts=256,
+        moe_ffn_hidden_size=2048,
+        moe_shared_expert_intermediate_size=2048,  # 1 shared expert
+        moe_router_topk=8,
+        moe_router_num_groups=8,
+        moe_router_group_topk=4,
+        mtp_num_layers=1,
+        mtp_loss_scaling_factor=0.3,
+        init_method_std=0.006,
+        vocab_size=129280,
+        seq_length=4096,
+        transformer_impl="transformer_engine",
+        moe_token_dispatcher_type="alltoall",
+    ),
+    # The public DeepSeek-V2-Lite config (16B): softmax router with an auxiliary loss.
+    "deepseek-v2-lite": dict(
+        **_COMMON,
+        num_layers=27,
+        moe_layer_freq=first_k_dense(27, 1),
+        hidden_size=2048,
+        ffn_hidden_size=10944,
+        num_attention_heads=16,
+        q_lora_rank=None,
+        kv_lora_rank=512,
+        qk_head_dim=128,
+        qk_pos_emb_head_dim=64,
+        v_head_dim=128,
+        num_moe_experts=64,
+        moe_ffn_hidden_size=1408,
+        moe_shared_expert_intermediate_size=2 * 1408,  # 2 shared experts
+        moe_router_topk=6,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=True,
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=1e-3,
+        mtp_num_layers=None,
+        init_method_std=0.006,
+        vocab_size=102400,
+        seq_length=4096,
+        bias_update_rate_schedule=None,
+        mtp_loss_scaling_schedule=None,
+        transformer_impl="transformer_engine",
+        moe_token_dispatcher_type="alltoall",
+    ),
+    # DeepSeek-V3's shape at about 1.5B parameters (0.5B active), for one-GPU benchmarks.
+    "proxy": dict(
+        **_COMMON,
+        **_DEEPSEEK_V3_ROUTER,
+        num_layers=12,
+        moe_layer_freq=first_k_dense(12, 1),
+        hidden_size=1024,
+        ffn_hidden_size=4096,
+        num_attention_heads=16,
+        q_lora_rank=384,
+        kv_lora_rank=256,
+        qk_head_dim=128,
+        qk_pos_emb_head_dim=64,
+        v_head_dim=128,
+        num_moe_experts=64,
+        moe_ffn_hidden_size=512,
+        moe_shared_expert_intermediate_size=512,
+        moe_router_topk=8,
+        moe_router_num_groups=8,
+        moe_router_group_topk=4,
+        mtp_num_layers=1,
+        mtp_loss_scaling_factor=0.3,
+        init_method_std=0.006,
+        vocab_size=129280,
+        seq_length=4096,
+        transformer_impl="transformer_engine",
+        moe_token_dispatcher_type="alltoall",
+    ),
+    # Trains on CPU in minutes: every feature of the 671B model at toy width.
+    "tiny": dict(
+        **_COMMON,
+        **_DEEPSEEK_V3_ROUTER,
+        num_layers=3,
+        moe_layer_freq=first_k_dense(3, 1),
+        hidden_size=64,
+        ffn_hidden_size=192,
+        num_attention_heads=4,
+        q_lora_rank=48,
+        kv_lora_rank=32,
+        qk_head_dim=16,
+        qk_pos_emb_head_dim=8,
+        v_head_dim=16,
+        num_moe_experts=8,
+        moe_ffn_hidden_size=32,
+        moe_shared_expert_intermediate_size=32,
+        moe_router_topk=2,
+        moe_router_num_groups=4,
+        moe_router_group_topk=2,
+        mtp_num_layers=1,
+        mtp_loss_scaling_factor=0.3,
+        init_method_std=0.02,
+        vocab_size=257,  # 256 bytes + end-of-document
+        seq_length=128,
+        # A CPU run of a few hundred steps, not 100K+: the bias must cross the O(1) spread of
+        # sigmoid affinities within tens of steps, so gamma is 10x the paper's (same shape).
+        bias_update_rate_schedule=StepSchedule(((0.0, 0.01), (14.3 / 14.8, 0.0))),
+        transformer_impl="local",
+        moe_token_dispatcher_type="allgather",
+        use_cpu_initialization=True,
+    ),
+}
+
+
+def preset(name: str, **overrides) -> DeepSeekV3Config:
+    """The named preset with `overrides` applied, validated."""
+    if name not in PRESETS:
+        raise ConfigError("name", name, "no such preset", f"use one of {sorted(PRESETS)}")
+    known = {f.name for f in dataclasses.fields(DeepSeekV3Config)}
+    for key in overrides:
+        if key not in known:
+            raise ConfigError(
+                key, overrides[key], "not a field of DeepSeekV3Config / MLATransformerConfig",
+                "check the spelling against megatron.core's TransformerConfig",
+            )
+    fields = {**PRESETS[name], **overrides, "preset_name": name}
+    if "num_layers" in overrides and "moe_layer_freq" not in overrides:
+        k = first_k_dense_count(PRESETS[name])
+        fields["moe_layer_freq"] = first_k_dense(overrides["num_layers"], min(k, overrides["num_layers"]))
+    return DeepSeekV3Config(**fields)
+
+
+def first_k_dense_count(fields: dict) -> int:
+    freq = fields["moe_layer_freq"]
+    return freq.index(1) if 1 in freq else len(freq)
+
+
+def _check(ok: bool, field_name: str, value, rule: str, fix: str) -> None:
+    if not ok:
+        raise ConfigError(field_name, value, rule, fix)
+
+
+def validate(c: DeepSeekV3Config) -> None:
+    """Reject impossible combinations with the field, the value and the fix."""
+    _check(c.num_layers >= 1, "num_layers", c.num_layers, "needs at least one layer", "set num_layers >= 1")
+    _check(c.vocab_size >= 2, "vocab_size", c.vocab_size, "needs at least two tokens", "set vocab_size to the tokenizer's size")
+    _check(c.seq_length >= 2, "seq_length", c.seq_length, "a next-token loss needs 2 or more tokens", "set seq_length >= 2")
+    _check(
+        c.num_attention_heads % c.tensor_model_parallel_size == 0,
+        "num_attention_heads", c.num_attention_heads,
+        f"not divisible by tensor_model_parallel_size={c.tensor_model_parallel_size}",
+        "choose a TP size that divides the heads",
+    )
+    # MLA (PAPER.md §2)
+    _check(
+        c.qk_pos_emb_head_dim > 0 and c.qk_pos_emb_head_dim % 2 == 0,
+        "qk_pos_emb_head_dim", c.qk_pos_emb_head_dim,
+        "RoPE rotates pairs of channels, so the decoupled RoPE dim must be even and positive",
+        "use an even value such as 64 (the paper's d_h^R)",
+    )
+    _check(c.qk_head_dim > 0, "qk_head_dim", c.qk_head_dim, "must be positive", "use the paper's 128")
+    _check(c.v_head_dim > 0, "v_head_dim", c.v_head_dim, "must be positive", "use the paper's 128")
+    _check(
+        0 < c.kv_lora_rank < c.num_attention_heads * (c.qk_head_dim + c.v_head_dim),
+        "kv_lora_rank", c.kv_lora_rank,
+        "the KV latent must be positive and smaller than the keys and values it compresses",
+        f"use 0 < kv_lora_rank < {c.num_attention_heads * (c.qk_head_dim + c.v_head_dim)} (paper: 512)",
+    )
+    _check(
+        c.q_lora_rank is None or 0 < c.q_lora_rank < c.num_attention_heads * (c.qk_head_dim + c.qk_pos_emb_head_dim),
+        "q_lora_rank", c.q_lora_rank,
+        "the query latent must be positive and smaller than the queries it compresses",
+        "use None for no query compression or a rank like the paper's 1536",
+    )
+    # DeepSeekMoE (PAPER.md §3)
+    pattern = moe_layer_pattern(c)
+    _check(
+        len(pattern) == c.num_layers and set(pattern) <= {0, 1},
+        "moe_layer_freq", c.moe_layer_freq,
+        f"must give 0 (dense) or 1 (MoE) for each of the {c.num_layers} layers",
+        "use first_k_dense(num_layers, k)",
+    )
+    if c.num_moe_experts:
+        E, K = c.num_moe_experts, c.moe_router_topk
+        _check(0 < K <= E, "moe_router_topk", K, f"must be between 1 and num_moe_experts={E}", f"set moe_router_topk <= {E}")
+        _check(
+            c.moe_expert_capacity_factor is None,
+            "moe_expert_capacity_factor", c.moe_expert_capacity_factor,
+            "the paper drops no token in training or inference", "leave it None",
+        )
+        _check(
+            E % c.expert_model_parallel_size == 0,
+            "expert_model_parallel_size", c.expert_model_parallel_size,
+            f"does not divide num_moe_experts={E}", "choose an EP size that divides the experts",
+        )
+        groups, group_topk = c.moe_router_num_groups, c.moe_router_group_topk
+        _check(
+            (groups is None) == (group_topk is None),
+            "moe_router_group_topk", group_topk,
+            f"node-limited routing needs both moe_router_num_groups (={groups}) and moe_router_group_topk",
+            "set both (paper: 8 groups, top-4) or neither",
+        )
+        if groups is not None:
+            _check(E % groups == 0, "moe_router_num_groups", groups, f"does not divide num_moe_experts={E}", "choose a group count that divides the experts")
+            _check(
+                0 < group_topk <= groups, "moe_router_group_topk", group_topk,
+                f"must be between 1 and moe_router_num_groups={groups}", f"set moe_router_group_topk <= {groups}",
+            )
+            _check(
+                K % group_topk == 0, "moe_router_topk", K,
+                f"is not divisible over moe_router_group_topk={group_topk} chosen groups "
+                "(each group is scored by its top topk/group_topk affinities)",
+                "make topk a multiple of group_topk (paper: 8 over 4)",
+            )
+            _check(
+                K // group_topk <= E // groups, "moe_router_topk", K,
+                f"needs {K // group_topk} experts from each chosen group but a group has {E // groups}",
+                "lower topk or use fewer, larger groups",
+            )
+        _check(
+            not c.moe_router_enable_expert_bias or c.moe_router_score_function == "sigmoid",
+            "moe_router_enable_expert_bias", c.moe_router_enable_expert_bias,
+            f"bias-balanced routing is defined on sigmoid affinities, not {c.moe_router_score_function!r}",
+            "set moe_router_score_function='sigmoid'",
+        )
+        _check(
+            c.moe_aux_loss_coeff is None or _as_float(c.moe_aux_loss_coeff) >= 0,
+            "moe_aux_loss_coeff", c.moe_aux_loss_coeff, "a loss weight cannot be negative", "paper: alpha = 0.0001",
+        )
+    # MTP (PAPER.md §4)
+    depth = c.mtp_num_layers or 0
+    _check(depth >= 0, "mtp_num_layers", c.mtp_num_layers, "the MTP depth D cannot be negative", "use 0 (or None) for no MTP, 1 as in the paper")
+    _check(
+        depth < c.seq_length - 1, "mtp_num_layers", c.mtp_num_layers,
+        f"depth D predicts D+1 tokens ahead, which seq_length={c.seq_length} cannot hold",
+        "lower the depth or lengthen the sequence",
+    )
+    if depth:
+        _check(
+            c.mtp_loss_scaling_factor is not None and c.mtp_loss_scaling_factor >= 0,
+            "mtp_loss_scaling_factor", c.mtp_loss_scaling_factor, "lambda cannot be negative", "paper: 0.3 then 0.1",
+        )
+    for name in ("bias_update_rate_schedule", "mtp_loss_scaling_schedule"):
+        schedule = getattr(c, name)
+        _check(
+            schedule is None or all(v >= 0 for _, v in schedule.steps),
+            name, schedule, "gamma and lambda cannot be negative", "use the paper's schedules",
+        )
+    # FP8 (PAPER.md §5): every GEMM's inner dimension is cut into 128-wide tiles.
+    if c.fp8 and c.fp8_recipe == "blockwise":
+        for name, size in fp8_inner_dims(c).items():
+            _check(
+                size % FP8_TILE == 0, name, size,
+                f"blockwise FP8 scales 1x{FP8_TILE} / {FP8_TILE}x{FP8_TILE} tiles along this GEMM's inner dimension",
+                f"use a multiple of {FP8_TILE} or train this preset without fp8",
+            )
+
+
+def fp8_inner_dims(c: DeepSeekV3Config) -> dict[str, int]:
+    """The inner (reduction) dimension of every Linear that runs in FP8."""
+    dims = {
+        "hidden_size": c.hidden_size,
+        "kv_lora_rank": c.kv_lora_rank,
+        "num_attention_heads*v_head_dim": c.num_attention_heads * c.v_head_dim,
+        "ffn_hidden_size": c.ffn_hidden_size,
+    }
+    if c.q_lora_rank is not None:
+        dims["q_lora_rank"] = c.q_lora_rank
+    if c.num_moe_experts:
+        dims["moe_ffn_hidden_size"] = c.moe_ffn_hidden_size
+        if c.moe_shared_expert_intermediate_size:
+            dims["moe_shared_expert_intermediate_size"] = c.moe_shared_expert_intermediate_size
+    return dims
+
+
+def _as_float(value) -> float:
+    return sum(value) if isinstance(value, (list, tuple)) else value
+
+
+def check_runtime(c: DeepSeekV3Config, device: str) -> None:
+    """Reject what cannot run on `device` ("cpu" or "cuda"), before any model is built."""
+    if device == "cpu":
+        _check(
+            c.moe_token_dispatcher_type in DISPATCHERS_ON_CPU,
+            "moe_token_dispatcher_type", c.moe_token_dispatcher_type,
+            "the alltoall and flex dispatchers create CUDA streams and kernels",
+            "use moe_token_dispatcher_type='allgather' on CPU",
+        )
+        _check(
+            c.transformer_impl == "local", "transformer_impl", c.transformer_impl,
+            "Transformer Engine modules need a GPU", "use transformer_impl='local' on CPU",
+        )
+        _check(not c.bf16 and not c.fp16, "bf16", c.bf16, "the CPU path trains in fp32", "set bf16=False, fp16=False")
+        _check(c.use_cpu_initialization, "use_cpu_initialization", c.use_cpu_initialization,
+               "weights must be created on the CPU", "set use_cpu_initialization=True")
+        _check(not c.moe_router_fusion, "moe_router_fusion", c.moe_router_fusion,
+               "the fused router is a TE CUDA kernel", "set moe_router_fusion=False")
+    elif device != "cuda":
+        raise ConfigError("device", device, "unknown device", "use 'cpu' or 'cuda'")
+
+
+def count_parameters(c: MLATransformerConfig) -> tuple[int, int]:
+    """(total, active per token) from the config alone, MTP modules excluded (PAPER.md §1).
+
+    Counts weights and norm scales; the expert bias is a buffer, not a parameter.
+    Embedding and output head are counted in both (the paper's 671B / 37B do).
+    """
+    h, n_h = c.hidden_size, c.num_attention_heads
+    q_head = c.qk_head_dim + c.qk_pos_emb_head_dim
+    if c.q_lora_rank:
+        attention = h * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * n_h * q_head
+    else:
+        attention = h * n_h * q_head
+    attention += h * (c.kv_lora_rank + c.qk_pos_emb_head_dim) + c.kv_lora_rank
+    attention += c.kv_lora_rank * n_h * (c.qk_head_dim + c.v_head_dim)
+    attention += n_h * c.v_head_dim * h
+    norms = 2 * h
+    glu = 3 if c.gated_linear_unit else 2
+
+    total = active = 0
+    for is_moe in moe_layer_pattern(c):
+        layer = attention + norms
+        if is_moe:
+            expert = glu * h * c.moe_ffn_hidden_size
+            shared = glu * h * (c.moe_shared_expert_intermediate_size or 0)
+            router = h * c.num_moe_experts
+            total += layer + router + shared + c.num_moe_experts * expert
+            active += layer + router + shared + c.moe_router_topk * expert
+        else:
+            dense = glu * h * c.ffn_hidden_size
+            total += layer + dense
+            active += layer + dense
+    tied = getattr(c, "share_embeddings_and_output_weights", False)
+    embedding_and_head = c.vocab_size * h * (1 if tied else 2) + h  # + final norm
+    return total + embedding_and_head, active + embedding_and_head

@@ -1,0 +1,194 @@
+"""Decoder-block and MTP-block specs for DeepSeek-V3 models, backend "local" or "te".
+
+Both backends start from Megatron's own `get_gpt_decoder_layer_specs` (first-k dense layers
+from `moe_layer_freq`, MLA with the q/kv latent RMSNorms when `qk_layernorm`, shared experts)
+and change two things:
+  - the router becomes `routing.LoadRecordingRouter` (upstream TopKRouter + load statistics);
+  - on "local", MLA's core attention becomes `attention.MLASDPAttention`, because the local
+    `DotProductAttention` rejects MLA's `k_channels`/`v_channels` (DESIGN.md).
+
+Use from Python: `gpt_model(config)` or `decoder_block_spec(config)` + `mtp_block_spec(...)`.
+Use from Megatron-LM: `--spec megatron_dsv3.specs local_layer_spec` (or `te_layer_spec`).
+Megatron-LM passes the named object to GPTModel without calling it and without the config,
+so these two are layer specs (not functions) whose layer picks a dense or an MoE MLP from
+its global layer number and `--moe-layer-freq`, as `decoder_block_spec` does.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_decoder_layer_specs,
+    get_gpt_layer_local_spec,
+    get_gpt_mtp_block_spec,
+    get_mlp_module_spec,
+)
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_layer import (
+    BaseTransformerLayer,
+    TransformerLayer,
+    get_transformer_layer_offset,
+)
+from megatron.core.utils import get_pg_rank
+
+from megatron_dsv3.attention import MLASDPAttention
+from megatron_dsv3.config import moe_layer_pattern
+from megatron_dsv3.routing import LoadRecordingRouter
+
+BACKENDS = {"local": "local", "te": "transformer_engine"}
+
+try:
+    import transformer_engine  # noqa: F401
+
+    HAVE_TE = True
+except ImportError:
+    HAVE_TE = False
+
+
+def _backend(config, backend: str | None) -> str:
+    if backend is None:
+        backend = {v: k for k, v in BACKENDS.items()}.get(config.transformer_impl)
+        if backend is None:
+            raise ValueError(
+                f"transformer_impl={config.transformer_impl!r}: no DeepSeek-V3 spec for it. "
+                f"Fix: use one of {sorted(BACKENDS.values())}."
+            )
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: unknown. Fix: use one of {sorted(BACKENDS)}.")
+    if backend == "te" and not HAVE_TE:
+        raise ImportError(
+            "backend='te' needs Transformer Engine, which is not installed. "
+            "Fix: pip install 'megatron_dsv3[te]' on a GPU machine, or use backend='local'."
+        )
+    return backend
+
+
+def _with_our_modules(layer_spec: ModuleSpec, backend: str) -> ModuleSpec:
+    """A copy of an upstream layer spec with our router and (local) MLA core attention."""
+    spec = copy.deepcopy(layer_spec)
+    layer = spec.submodules
+    mlp = layer.mlp
+    if isinstance(mlp, functools.partial) and "submodules" in mlp.keywords and hasattr(mlp.keywords["submodules"], "router"):
+        moe = dataclasses.replace(mlp.keywords["submodules"], router=LoadRecordingRouter)
+        layer.mlp = functools.partial(mlp.func, *mlp.args, **{**mlp.keywords, "submodules": moe})
+    if backend == "local":
+        layer.self_attention.submodules.core_attention = MLASDPAttention
+    return spec
+
+
+def decoder_layer_specs(config, backend: str | None = None) -> list[ModuleSpec]:
+    """One spec per decoder layer of the whole model (dense for the first k)."""
+    backend = _backend(config, backend)
+    if not config.multi_latent_attention:
+        raise ValueError("multi_latent_attention=False: these specs are for MLA models. Fix: use a preset.")
+    if backend == "local" and config.q_lora_rank is None and config.qk_layernorm:
+        # Megatron 0.19 (mla_qk_norm_config.py) then wants a fused norm+linear q projection,
+        # which only TE provides.
+        raise ValueError(
+            "q_lora_rank=None: without query compression Megatron's MLA needs TE's fused "
+            "norm+linear for the query. Fix: set q_lora_rank, or use backend 'te'."
+        )
+    upstream = get_gpt_decoder_layer_specs(
+        config, use_transformer_engine=backend == "te", normalization=config.normalization
+    )
+    converted = {}  # upstream shares one spec object between layers of one kind
+    return [converted.setdefault(id(s), _with_our_modules(s, backend)) for s in upstream]
+
+
+def decoder_block_spec(config, backend: str | None = None, vp_stage=None, pp_rank=None) -> TransformerBlockSubmodules:
+    """The block spec of this pipeline stage's decoder layers."""
+    layers = decoder_layer_specs(config, backend)
+    if config.pipeline_model_parallel_layout is not None:
+        raise NotImplementedError(
+            "pipeline_model_parallel_layout is set: explicit layouts belong to megatron_dsv3.pipeline.layout"
+        )
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    from megatron.core.models.gpt.gpt_layer_specs import LNImpl
+
+    layer_norm = LNImpl
+    if _backend(config, backend) == "te":
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        layer_norm = TENorm
+    return TransformerBlockSubmodules(layer_specs=layers[offset : offset + count], layer_norm=layer_norm)
+
+
+def mtp_block_spec(config, backend: str | None = None, vp_stage=None, pp_rank=None):
+    """The MTP block (PAPER.md §4): its transformer layer is the model's last (MoE) layer."""
+    if not config.mtp_num_layers:
+        return None
+    backend = _backend(config, backend)
+    last_layer = decoder_layer_specs(config, backend)[-1]
+    return get_gpt_mtp_block_spec(
+        config, last_layer, use_transformer_engine=backend == "te", vp_stage=vp_stage, pp_rank=pp_rank
+    )
+
+
+def gpt_model(config, pre_process: bool = True, post_process: bool = True, vp_stage=None, pp_rank=None, backend=None, pg_collection=None) -> GPTModel:
+    """A Megatron GPTModel with MLA, DeepSeekMoE and MTP as `config` describes."""
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=decoder_block_spec(config, backend, vp_stage=vp_stage, pp_rank=pp_rank),
+        vocab_size=config.vocab_size,
+        max_sequence_length=config.seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=config.share_embeddings_and_output_weights,
+        position_embedding_type="rope",  # MLA applies its own decoupled RoPE
+        mtp_block_spec=mtp_block_spec(config, backend, vp_stage=vp_stage, pp_rank=pp_rank),
+        vp_stage=vp_stage,
+        pg_collection=pg_collection,
+    )
+
+
+# --- For Megatron-LM's `--spec megatron_dsv3.specs <name>` -------------------------------
+
+
+class FirstKDenseLayer(TransformerLayer):
+    """A TransformerLayer whose MLP is dense or MoE by its global number and `moe_layer_freq`.
+
+    Megatron-LM builds every layer from the one `--spec` object; this layer makes that object
+    express DeepSeek-V3's first-k-dense layout. MTP layers take the MoE MLP, like the last
+    decoder layer.
+    """
+
+    def __init__(self, config, submodules, layer_number=1, *, dense_mlp, vp_stage=None, is_mtp_layer=False, pg_collection=None, **kwargs):
+        if not is_mtp_layer:
+            pp_rank = get_pg_rank(pg_collection.pp) if pg_collection is not None else None
+            index = layer_number - 1 + get_transformer_layer_offset(config, vp_stage, pp_rank)
+            if moe_layer_pattern(config)[index] == 0:
+                submodules = dataclasses.replace(submodules, mlp=dense_mlp)
+        super().__init__(config, submodules, layer_number, vp_stage=vp_stage, is_mtp_layer=is_mtp_layer, pg_collection=pg_collection, **kwargs)
+
+
+class _TransformerEngineMissing(BaseTransformerLayer):
+    def __init__(self, *args, **kwargs):
+        _backend(None, "te")
+
+
+def _first_k_dense_layer_spec(backend: str) -> ModuleSpec:
+    if backend == "te":
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        upstream = get_gpt_layer_with_transformer_engine_spec(
+            num_experts=1, moe_grouped_gemm=True, qk_layernorm=True, multi_latent_attention=True
+        )
+    else:
+        upstream = get_gpt_layer_local_spec(
+            num_experts=1, qk_layernorm=True, multi_latent_attention=True, normalization="RMSNorm"
+        )
+    moe = _with_our_modules(upstream, backend)
+    dense = get_mlp_module_spec(use_te=backend == "te", num_experts=None)
+    return ModuleSpec(module=FirstKDenseLayer, params={"dense_mlp": dense}, submodules=moe.submodules)
+
+
+local_layer_spec = _first_k_dense_layer_spec("local")
+te_layer_spec = _first_k_dense_layer_spec("te") if HAVE_TE else ModuleSpec(module=_TransformerEngineMissing)

@@ -1,0 +1,63 @@
+"""`python -m megatron_dsv3.training`: train a preset with the compact loop (the demo's entry point)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from megatron_dsv3.training.loop import TrainArgs, train
+
+
+def parse_args(argv=None) -> tuple[TrainArgs, bool]:
+    defaults = TrainArgs()
+    p = argparse.ArgumentParser(prog="python -m megatron_dsv3.training", description=__doc__)
+    p.add_argument("--preset", default=defaults.preset, help="model preset (megatron_dsv3.config.PRESETS)")
+    p.add_argument("--steps", type=int, default=defaults.steps)
+    p.add_argument("--micro-batch-size", type=int, default=defaults.micro_batch_size)
+    p.add_argument("--num-microbatches", type=int, default=defaults.num_microbatches)
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--min-lr", type=float, default=defaults.min_lr)
+    p.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--corpus-bytes", type=int, default=defaults.corpus_bytes, help="bytes of stdlib source to train on")
+    p.add_argument("--run-dir", type=Path, default=defaults.run_dir)
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                   help="override a config field, e.g. --set num_layers=4 --set moe_router_topk=4")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--check", action="store_true",
+                   help="exit 1 unless the final LM loss is below 60%% of the first and MaxVio fell")
+    a = p.parse_args(argv)
+    overrides = {}
+    for item in a.set:
+        name, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--set {item!r}: expected FIELD=JSON, e.g. --set moe_router_topk=4")
+        overrides[name] = json.loads(value)
+    args = TrainArgs(
+        preset=a.preset, overrides=overrides, steps=a.steps, micro_batch_size=a.micro_batch_size,
+        num_microbatches=a.num_microbatches, lr=a.lr, min_lr=a.min_lr, warmup_steps=a.warmup_steps,
+        seed=a.seed, corpus_bytes=a.corpus_bytes, run_dir=a.run_dir, progress=not a.no_progress,
+    )
+    return args, a.check
+
+
+def main(argv=None) -> int:
+    args, check = parse_args(argv)
+    summary = train(args)
+    loss_ratio = summary["final_lm_loss"] / summary["first_lm_loss"]
+    vio_first, vio_last = summary["max_violation_first_10pct"], summary["max_violation_last_10pct"]
+    loss_ok = loss_ratio < 0.6
+    vio_ok = vio_first is not None and vio_last < vio_first
+    print(f"LM loss: first step {summary['first_lm_loss']:.4f}, last 10% of steps {summary['final_lm_loss']:.4f} "
+          f"= {100 * loss_ratio:.1f}% of the first (target < 60%): {'ok' if loss_ok else 'FAILED'}")
+    if vio_first is not None:
+        print(f"MaxVio: first 10% of steps {vio_first:.3f}, last 10% {vio_last:.3f} (target: lower): {'ok' if vio_ok else 'FAILED'}")
+    print(f"metrics: {args.run_dir / 'metrics.jsonl'}; plots: {args.run_dir / 'loss.png'}, {args.run_dir / 'expert_load.png'}")
+    print(json.dumps(summary))
+    return 0 if not check or (loss_ok and vio_ok) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

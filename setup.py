@@ -1,0 +1,20 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_dsv3",
+    version="0.1.0",
+    description="DeepSeek-V3's training system (MLA, DeepSeekMoE, MTP, FP8, DualPipe) as a Megatron-Core plugin",
+    packages=find_packages(include=["megatron_dsv3", "megatron_dsv3.*"]),
+    python_requires=">=3.12",
+    install_requires=[
+        "megatron-core>=0.19.2,<0.20",
+        "torch>=2.9",
+        "numpy",
+        "matplotlib",
+        "tqdm",
+    ],
+    extras_require={
+        "te": ["transformer-engine[pytorch]>=2.3"],
+        "test": ["pytest>=8"],
+    },
+)
