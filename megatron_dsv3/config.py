@@ -225,7 +225,7 @@ PRESETS: dict[str, dict] = {
     # Trains on CPU in minutes: every feature of the 671B model at toy width.
     "tiny": dict(
         **_COMMON,
-        **_DEEPSEEK_V3_ROUTER,
+        **{**_DEEPSEEK_V3_ROUTER, "moe_router_bias_update_rate": 0.01},
         num_layers=3,
         moe_layer_freq=first_k_dense(3, 1),
         hidden_size=64,
@@ -385,11 +385,20 @@ def validate(c: DeepSeekV3Config) -> None:
             c.mtp_loss_scaling_factor is not None and c.mtp_loss_scaling_factor >= 0,
             "mtp_loss_scaling_factor", c.mtp_loss_scaling_factor, "lambda cannot be negative", "paper: 0.3 then 0.1",
         )
-    for name in ("bias_update_rate_schedule", "mtp_loss_scaling_schedule"):
+    for name, field_name in (
+        ("bias_update_rate_schedule", "moe_router_bias_update_rate"),
+        ("mtp_loss_scaling_schedule", "mtp_loss_scaling_factor"),
+    ):
         schedule = getattr(c, name)
+        if schedule is None:
+            continue
+        _check(all(v >= 0 for _, v in schedule.steps), name, schedule, "gamma and lambda cannot be negative", "use the paper's schedules")
+        if field_name == "mtp_loss_scaling_factor" and not depth:
+            continue
         _check(
-            schedule is None or all(v >= 0 for _, v in schedule.steps),
-            name, schedule, "gamma and lambda cannot be negative", "use the paper's schedules",
+            getattr(c, field_name) == schedule.steps[0][1], field_name, getattr(c, field_name),
+            f"disagrees with {name}, which starts at {schedule.steps[0][1]}",
+            f"set {field_name} to the schedule's first value, or {name}=None for a constant",
         )
     # FP8 (PAPER.md §5): every GEMM's inner dimension is cut into 128-wide tiles.
     if c.fp8 and c.fp8_recipe == "blockwise":

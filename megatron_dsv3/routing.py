@@ -64,7 +64,7 @@ class LoadRecordingRouter(TopKRouter):
 
 @dataclass
 class LayerLoad:
-    layer_number: int
+    name: str  # "decoder.<layer number>" or "mtp.<depth>"
     tokens_per_expert: list[float]
     max_violation: float
 
@@ -81,7 +81,11 @@ def load_recording_routers(model_chunks) -> list[LoadRecordingRouter]:
 def expert_load(model_chunks) -> list[LayerLoad]:
     """The last step's load of every MoE layer in `model_chunks` (MTP layers included)."""
     return [
-        LayerLoad(r.layer_number, r.last_tokens_per_expert.tolist(), r.last_max_violation)
+        LayerLoad(
+            f"{'mtp' if r.is_mtp_layer else 'decoder'}.{r.layer_number}",
+            r.last_tokens_per_expert.tolist(),
+            r.last_max_violation,
+        )
         for r in load_recording_routers(model_chunks)
         if r.last_tokens_per_expert is not None
     ]

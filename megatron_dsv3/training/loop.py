@@ -151,7 +151,7 @@ def step_metrics(losses: list[dict], config, model_chunks, num_microbatches: int
     clear_aux_losses_tracker()
     loads = expert_load(model_chunks)
     record["expert_load"] = {
-        str(l.layer_number): {"tokens_per_expert": l.tokens_per_expert, "max_violation": l.max_violation} for l in loads
+        l.name: {"tokens_per_expert": l.tokens_per_expert, "max_violation": l.max_violation} for l in loads
     }
     record["max_violation"] = sum(l.max_violation for l in loads) / len(loads) if loads else None
     return record
@@ -207,6 +207,8 @@ def train(args: TrainArgs) -> dict:
     log = MetricsLog(run_dir)
     (run_dir / "config.json").write_text(json.dumps({"train": {k: str(v) for k, v in dataclasses.asdict(args).items()}, "model": args.preset}, indent=2))
     params = [p for p in ddp_model.parameters() if p.requires_grad]
+    MTPLossLoggingHelper.tracker.clear()  # process-global and sized by the first model that logs
+    clear_aux_losses_tracker()
     bar = tqdm(range(1, args.steps + 1), desc=f"train {args.preset}", disable=not args.progress, dynamic_ncols=True)
     for step in bar:
         config.apply_token_schedules(consumed_tokens=(step - 1) * tokens_per_step, total_tokens=total_tokens)

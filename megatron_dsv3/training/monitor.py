@@ -43,20 +43,24 @@ def plot_losses(records: list[dict], path: Path) -> None:
 
 def plot_expert_load(records: list[dict], path: Path) -> None:
     """Top: MaxVio per MoE layer over steps. Below: tokens per expert over steps, one heat map a layer."""
-    layers = sorted({int(k) for r in records for k in r.get("expert_load", {})})
+    layers = list(records[-1].get("expert_load", {})) if records else []
     if not layers:
         return
     steps = [r["step"] for r in records]
     fig, axes = plt.subplots(1 + len(layers), 1, figsize=(8, 2.6 * (1 + len(layers))), squeeze=False)
     for layer in layers:
-        axes[0, 0].plot(steps, [r["expert_load"][str(layer)]["max_violation"] for r in records], label=f"layer {layer}")
+        axes[0, 0].plot(steps, [r["expert_load"][layer]["max_violation"] for r in records], label=layer)
     axes[0, 0].set_ylabel("MaxVio")
     axes[0, 0].legend(fontsize=7)
     axes[0, 0].grid(alpha=0.3)
     for row, layer in enumerate(layers, start=1):
-        loads = [r["expert_load"][str(layer)]["tokens_per_expert"] for r in records]
-        image = axes[row, 0].imshow(list(map(list, zip(*loads))), aspect="auto", interpolation="nearest", cmap="viridis")
-        axes[row, 0].set_ylabel(f"layer {layer}\nexpert")
+        loads_SE = [r["expert_load"][layer]["tokens_per_expert"] for r in records]
+        experts = len(loads_SE[0])
+        image = axes[row, 0].imshow(
+            list(map(list, zip(*loads_SE))), aspect="auto", interpolation="nearest", cmap="viridis",
+            extent=(steps[0] - 0.5, steps[-1] + 0.5, experts - 0.5, -0.5),
+        )
+        axes[row, 0].set_ylabel(f"{layer}\nexpert")
         fig.colorbar(image, ax=axes[row, 0], label="tokens")
     axes[-1, 0].set_xlabel("step")
     fig.tight_layout()

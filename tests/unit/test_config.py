@@ -86,6 +86,7 @@ INVALID = [
     (dict(moe_layer_freq=[0, 1]), "moe_layer_freq"),  # wrong length
     (dict(seq_length=1), "seq_length"),
     (dict(bias_update_rate_schedule=StepSchedule(((0.0, -0.001),))), "bias_update_rate_schedule"),
+    (dict(moe_router_bias_update_rate=0.05), "moe_router_bias_update_rate"),  # disagrees with the schedule
 ]
 
 
