@@ -158,8 +158,15 @@ def step_metrics(losses: list[dict], config, model_chunks, num_microbatches: int
 
 
 def train(args: TrainArgs) -> dict:
-    init_distributed()
     config = preset(args.preset, **args.overrides)
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size", "context_parallel_size"):
+        if getattr(config, name) != 1:
+            raise ValueError(
+                f"{name}={getattr(config, name)}: the compact loop runs data parallelism only for now "
+                f"(its gradient clipping assumes disjoint parameters). Fix: set {name}=1, or launch "
+                "examples/ through Megatron-LM."
+            )
+    init_distributed()
     on_cpu = cpu.enable(config)
     if not on_cpu:
         check_runtime(config, "cuda")
