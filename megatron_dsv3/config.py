@@ -59,6 +59,7 @@ PAPER_GAMMA_SCHEDULE = StepSchedule(((0.0, 0.001), (14.3 / 14.8, 0.0)))
 PAPER_MTP_LAMBDA_SCHEDULE = StepSchedule(((0.0, 0.3), (10.0 / 14.8, 0.1)))
 
 DISPATCHERS_ON_CPU = ("allgather",)
+FP8_BLOCKWISE_BACKENDS = ("te", "emulate", "scaled_mm", "auto")
 
 
 @dataclass
@@ -68,12 +69,19 @@ class DeepSeekV3Config(MLATransformerConfig):
     vocab_size: int = 129280
     seq_length: int = 4096
     share_embeddings_and_output_weights: bool = False  # DeepSeek-V3 unties them
+    # PAPER.md §5 FP8 with 1x128 / 128x128 tiles, and which GEMM runs it: "te" (TE's
+    # Float8BlockScaling recipe; sets fp8="e4m3", fp8_recipe="blockwise"), or on the local
+    # backend our FP8 Linear with "emulate" (any device), "scaled_mm" (Hopper) or "auto".
+    # None trains in high precision.
+    fp8_blockwise: str | None = None
     bias_update_rate_schedule: StepSchedule | None = PAPER_GAMMA_SCHEDULE
     mtp_loss_scaling_schedule: StepSchedule | None = PAPER_MTP_LAMBDA_SCHEDULE
     preset_name: str = "custom"
 
     def __post_init__(self):
         validate(self)
+        if self.fp8_blockwise == "te":  # Megatron maps this pair to TE Float8BlockScaling(E4M3)
+            self.fp8, self.fp8_recipe = "e4m3", "blockwise"
         super().__post_init__()
 
     def apply_token_schedules(self, consumed_tokens: int, total_tokens: int) -> None:
@@ -401,12 +409,42 @@ def validate(c: DeepSeekV3Config) -> None:
             f"set {field_name} to the schedule's first value, or {name}=None for a constant",
         )
     # FP8 (PAPER.md §5): every GEMM's inner dimension is cut into 128-wide tiles.
-    if c.fp8 and c.fp8_recipe == "blockwise":
+    _check(
+        c.fp8_blockwise in (None, *FP8_BLOCKWISE_BACKENDS), "fp8_blockwise", c.fp8_blockwise,
+        "unknown FP8 GEMM backend", f"use one of {FP8_BLOCKWISE_BACKENDS} or None",
+    )
+    _check(
+        not (c.fp8 and c.transformer_impl == "local"), "fp8", c.fp8,
+        "Megatron's fp8 flags only act through Transformer Engine; on the local backend they are a silent no-op",
+        "use fp8_blockwise='emulate' (or 'scaled_mm' on Hopper) for FP8 on the local backend",
+    )
+    if c.fp8_blockwise == "te":
+        _check(
+            c.transformer_impl == "transformer_engine", "transformer_impl", c.transformer_impl,
+            "fp8_blockwise='te' is TE's Float8BlockScaling recipe, which runs inside TE modules",
+            "set transformer_impl='transformer_engine', or fp8_blockwise='emulate' on the local backend",
+        )
+        _check(
+            c.fp8 in (None, "e4m3") and c.fp8_recipe in ("delayed", "blockwise"), "fp8_recipe", c.fp8_recipe,
+            "the paper uses E4M3 with 1x128 / 128x128 block scaling for every tensor",
+            "leave fp8 and fp8_recipe unset; fp8_blockwise='te' sets them",
+        )
+    elif c.fp8_blockwise is not None:
+        _check(
+            c.transformer_impl == "local", "transformer_impl", c.transformer_impl,
+            f"fp8_blockwise={c.fp8_blockwise!r} is our FP8 Linear, which replaces the local backend's linears",
+            "set transformer_impl='local', or fp8_blockwise='te' with Transformer Engine",
+        )
+        _check(
+            c.tensor_model_parallel_size == 1, "tensor_model_parallel_size", c.tensor_model_parallel_size,
+            "our FP8 Linear does no tensor-parallel communication", "use TP=1 (the paper uses none) or fp8_blockwise='te'",
+        )
+    if c.fp8_blockwise is not None:
         for name, size in fp8_inner_dims(c).items():
             _check(
                 size % FP8_TILE == 0, name, size,
                 f"blockwise FP8 scales 1x{FP8_TILE} / {FP8_TILE}x{FP8_TILE} tiles along this GEMM's inner dimension",
-                f"use a multiple of {FP8_TILE} or train this preset without fp8",
+                f"use a multiple of {FP8_TILE} or train this preset without fp8_blockwise",
             )
 
 
@@ -449,6 +487,8 @@ def check_runtime(c: DeepSeekV3Config, device: str) -> None:
                "weights must be created on the CPU", "set use_cpu_initialization=True")
         _check(not c.moe_router_fusion, "moe_router_fusion", c.moe_router_fusion,
                "the fused router is a TE CUDA kernel", "set moe_router_fusion=False")
+        _check(c.fp8_blockwise in (None, "emulate", "auto"), "fp8_blockwise", c.fp8_blockwise,
+               "this FP8 GEMM needs a Hopper GPU", "use fp8_blockwise='emulate' on CPU")
     elif device != "cuda":
         raise ConfigError("device", device, "unknown device", "use 'cpu' or 'cuda'")
 

@@ -25,6 +25,7 @@ def parse_args(argv=None) -> tuple[TrainArgs, bool]:
     p.add_argument("--run-dir", type=Path, default=defaults.run_dir)
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                    help="override a config field, e.g. --set num_layers=4 --set moe_router_topk=4")
+    p.add_argument("--bf16-moments", action="store_true", help="AdamW moments in BF16 (PAPER §5); master weights stay FP32")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--check", action="store_true",
                    help="exit 1 unless the final LM loss is below 60%% of the first and MaxVio fell")
@@ -38,7 +39,7 @@ def parse_args(argv=None) -> tuple[TrainArgs, bool]:
     args = TrainArgs(
         preset=a.preset, overrides=overrides, steps=a.steps, micro_batch_size=a.micro_batch_size,
         num_microbatches=a.num_microbatches, lr=a.lr, min_lr=a.min_lr, warmup_steps=a.warmup_steps,
-        seed=a.seed, corpus_bytes=a.corpus_bytes, run_dir=a.run_dir, progress=not a.no_progress,
+        seed=a.seed, corpus_bytes=a.corpus_bytes, bf16_moments=a.bf16_moments, run_dir=a.run_dir, progress=not a.no_progress,
     )
     return args, a.check
 

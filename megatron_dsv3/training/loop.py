@@ -34,6 +34,7 @@ from megatron_dsv3.routing import expert_load, finalize_model_grads_with_load
 from megatron_dsv3.specs import gpt_model
 from megatron_dsv3.training.data import build_datasets
 from megatron_dsv3.training.monitor import MetricsLog, plot_expert_load, plot_losses
+from megatron_dsv3.training.optimizer import AdamWLowPrecisionMoments
 
 
 @dataclass
@@ -49,6 +50,7 @@ class TrainArgs:
     weight_decay: float = 0.1  # PAPER.md §7
     adam_betas: tuple[float, float] = (0.9, 0.95)  # PAPER.md §7
     clip_grad: float = 1.0  # PAPER.md §7
+    bf16_moments: bool = False  # PAPER.md §5: AdamW moments in BF16, master weights FP32
     seed: int = 1234
     corpus_bytes: int = 4_000_000
     run_dir: Path = Path("runs/demo")
@@ -182,9 +184,11 @@ def train(args: TrainArgs) -> dict:
     config.no_sync_func = ddp_model.no_sync
     config.finalize_model_grads_func = finalize_model_grads_with_load
 
-    optimizer = torch.optim.AdamW(
-        decay_param_groups(ddp_model, args.weight_decay), lr=args.lr, betas=args.adam_betas
-    )
+    param_groups = decay_param_groups(ddp_model, args.weight_decay)
+    if args.bf16_moments:
+        optimizer = AdamWLowPrecisionMoments(param_groups, lr=args.lr, betas=args.adam_betas, moments_dtype=torch.bfloat16)
+    else:
+        optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=args.adam_betas)
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,

@@ -79,7 +79,10 @@ INVALID = [
     (dict(mtp_num_layers=-1), "mtp_num_layers"),
     (dict(mtp_num_layers=200), "mtp_num_layers"),  # depth beyond the sequence
     (dict(mtp_loss_scaling_factor=-0.3), "mtp_loss_scaling_factor"),
-    (dict(fp8="e4m3", fp8_recipe="blockwise"), "hidden_size"),  # 64 is not a multiple of 128
+    (dict(fp8_blockwise="emulate"), "hidden_size"),  # 64 is not a multiple of 128
+    (dict(fp8="e4m3", fp8_recipe="blockwise"), "fp8"),  # a silent no-op without TE
+    (dict(fp8_blockwise="te"), "transformer_impl"),  # TE's recipe on the local backend
+    (dict(fp8_blockwise="fp4"), "fp8_blockwise"),
     (dict(moe_expert_capacity_factor=1.0), "moe_expert_capacity_factor"),  # the paper drops no token
     (dict(moe_router_score_function="softmax"), "moe_router_enable_expert_bias"),
     (dict(expert_model_parallel_size=3), "expert_model_parallel_size"),
