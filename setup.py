@@ -15,6 +15,8 @@ setup(
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]>=2.3"],
-        "test": ["pytest>=8"],
+        # test-only references: modelopt's block FP8 quantiser (it imports requests and
+        # huggingface_hub without declaring them)
+        "test": ["pytest>=8", "nvidia-modelopt==0.47.0", "requests", "huggingface_hub"],
     },
 )

@@ -16,19 +16,21 @@ its global layer number and `--moe-layer-freq`, as `decoder_block_spec` does.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import (
+    LNImpl,
     get_gpt_decoder_layer_specs,
     get_gpt_layer_local_spec,
     get_gpt_mtp_block_spec,
     get_mlp_module_spec,
 )
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import (
     BaseTransformerLayer,
     TransformerLayer,
@@ -68,17 +70,28 @@ def _backend(config, backend: str | None) -> str:
     return backend
 
 
-def _with_our_modules(layer_spec: ModuleSpec, backend: str) -> ModuleSpec:
-    """A copy of an upstream layer spec with our router and (local) MLA core attention."""
-    spec = copy.deepcopy(layer_spec)
-    layer = spec.submodules
-    mlp = layer.mlp
-    if isinstance(mlp, functools.partial) and "submodules" in mlp.keywords and hasattr(mlp.keywords["submodules"], "router"):
-        moe = dataclasses.replace(mlp.keywords["submodules"], router=LoadRecordingRouter)
-        layer.mlp = functools.partial(mlp.func, *mlp.args, **{**mlp.keywords, "submodules": moe})
-    if backend == "local":
-        layer.self_attention.submodules.core_attention = MLASDPAttention
+def _replace_modules(spec, table: dict[type, type]):
+    """A copy of `spec` with every class in `table` replaced, through ModuleSpecs, partials and
+    submodule dataclasses (upstream nests MoE experts three levels deep)."""
+    if isinstance(spec, type):
+        return table.get(spec, spec)
+    if isinstance(spec, functools.partial):
+        return functools.partial(
+            _replace_modules(spec.func, table), *spec.args,
+            **{k: _replace_modules(v, table) for k, v in spec.keywords.items()},
+        )
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        changes = {f.name: _replace_modules(getattr(spec, f.name), table) for f in dataclasses.fields(spec) if f.init}
+        return dataclasses.replace(spec, **changes)
     return spec
+
+
+def _with_our_modules(layer_spec: ModuleSpec, backend: str) -> ModuleSpec:
+    """An upstream layer spec with our router and, on the local backend, our MLA attention."""
+    table = {TopKRouter: LoadRecordingRouter}
+    if backend == "local":
+        table[DotProductAttention] = MLASDPAttention
+    return _replace_modules(layer_spec, table)
 
 
 def decoder_layer_specs(config, backend: str | None = None) -> list[ModuleSpec]:
@@ -96,28 +109,27 @@ def decoder_layer_specs(config, backend: str | None = None) -> list[ModuleSpec]:
     upstream = get_gpt_decoder_layer_specs(
         config, use_transformer_engine=backend == "te", normalization=config.normalization
     )
-    converted = {}  # upstream shares one spec object between layers of one kind
-    return [converted.setdefault(id(s), _with_our_modules(s, backend)) for s in upstream]
+    converted = {}  # upstream shares one spec object between the layers of one kind
+    for spec in upstream:
+        if id(spec) not in converted:
+            converted[id(spec)] = _with_our_modules(spec, backend)
+    return [converted[id(spec)] for spec in upstream]
 
 
 def decoder_block_spec(config, backend: str | None = None, vp_stage=None, pp_rank=None) -> TransformerBlockSubmodules:
     """The block spec of this pipeline stage's decoder layers."""
-    layers = decoder_layer_specs(config, backend)
     if config.pipeline_model_parallel_layout is not None:
         raise NotImplementedError(
             "pipeline_model_parallel_layout is set: explicit layouts belong to megatron_dsv3.pipeline.layout"
         )
-    from megatron.core.transformer.transformer_block import get_num_layers_to_build
-
+    backend = _backend(config, backend)
+    layers = decoder_layer_specs(config, backend)
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
     count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
-    from megatron.core.models.gpt.gpt_layer_specs import LNImpl
-
-    layer_norm = LNImpl
-    if _backend(config, backend) == "te":
-        from megatron.core.extensions.transformer_engine import TENorm
-
-        layer_norm = TENorm
+    if backend == "te":
+        from megatron.core.extensions.transformer_engine import TENorm as layer_norm
+    else:
+        layer_norm = LNImpl  # upstream's local norm: apex if installed, else torch
     return TransformerBlockSubmodules(layer_specs=layers[offset : offset + count], layer_norm=layer_norm)
 
 
@@ -133,8 +145,12 @@ def mtp_block_spec(config, backend: str | None = None, vp_stage=None, pp_rank=No
 
 
 def gpt_model(config, pre_process: bool = True, post_process: bool = True, vp_stage=None, pp_rank=None, backend=None, pg_collection=None) -> GPTModel:
-    """A Megatron GPTModel with MLA, DeepSeekMoE and MTP as `config` describes."""
-    return GPTModel(
+    """A Megatron GPTModel with MLA, DeepSeekMoE and MTP as `config` describes.
+
+    With `config.fp8_blockwise` on the local backend, the transformer layers' linears then
+    run in block-scaled FP8 (`fp8.linear.convert_to_fp8_linears`).
+    """
+    model = GPTModel(
         config=config,
         transformer_layer_spec=decoder_block_spec(config, backend, vp_stage=vp_stage, pp_rank=pp_rank),
         vocab_size=config.vocab_size,
@@ -147,6 +163,11 @@ def gpt_model(config, pre_process: bool = True, post_process: bool = True, vp_st
         vp_stage=vp_stage,
         pg_collection=pg_collection,
     )
+    if config.fp8_blockwise is not None and _backend(config, backend) == "local":
+        from megatron_dsv3.fp8.linear import convert_to_fp8_linears
+
+        convert_to_fp8_linears(model)
+    return model
 
 
 # --- For Megatron-LM's `--spec megatron_dsv3.specs <name>` -------------------------------

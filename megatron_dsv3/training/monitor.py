@@ -28,7 +28,7 @@ class MetricsLog:
 def plot_losses(records: list[dict], path: Path) -> None:
     steps = [r["step"] for r in records]
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("lm_loss", "LM loss"), ("mtp_loss", "MTP loss (depth 1)")):
+    for key, label in (("lm_loss", "LM loss"), ("mtp_loss", "MTP loss (mean over depths)")):
         values = [r.get(key) for r in records]
         if any(v is not None for v in values):
             ax.plot(steps, values, label=label)
