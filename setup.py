@@ -12,11 +12,12 @@ setup(
         "numpy",
         "matplotlib",
         "tqdm",
+        "safetensors",  # HF checkpoints (megatron_dsv3.convert)
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]>=2.3"],
-        # test-only references: modelopt's block FP8 quantiser (it imports requests and
-        # huggingface_hub without declaring them)
-        "test": ["pytest>=8", "nvidia-modelopt==0.47.0", "requests", "huggingface_hub"],
+        # test-only references: HF transformers' DeepseekV3; modelopt's block FP8 quantiser
+        # and HF importer (it imports requests and huggingface_hub without declaring them)
+        "test": ["pytest>=8", "transformers>=5,<6", "nvidia-modelopt==0.47.0", "requests", "huggingface_hub"],
     },
 )

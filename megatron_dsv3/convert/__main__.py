@@ -1,0 +1,70 @@
+"""python -m megatron_dsv3.convert hf-to-mcore --hf DIR --out DIR --preset NAME [--set FIELD=JSON ...]
+python -m megatron_dsv3.convert mcore-to-hf --mcore DIR --out DIR --preset NAME [--set FIELD=JSON ...] [--fp8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from megatron_dsv3 import cpu
+from megatron_dsv3.config import ConfigError, preset
+from megatron_dsv3.convert.hf import ConversionError, hf_to_mcore, mcore_to_hf
+
+
+def _override(text: str) -> tuple[str, object]:
+    field, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--set {text!r}: expected FIELD=JSON, e.g. --set moe_router_topk=4")
+    try:
+        return field, json.loads(value)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"--set {text!r}: the value is not JSON ({error}); quote strings: "
+                                         "--set 'rope_type=\"yarn\"'") from error
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="python -m megatron_dsv3.convert", description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = top.add_subparsers(dest="command", required=True)
+    to_mcore = commands.add_parser("hf-to-mcore", help="HF safetensors (BF16/FP32/DeepSeek FP8) -> dist_checkpointing")
+    to_mcore.add_argument("--hf", required=True, help="directory with config.json and safetensors shards")
+    to_hf = commands.add_parser("mcore-to-hf", help="dist_checkpointing -> HF safetensors (BF16, or FP8 with --fp8)")
+    to_hf.add_argument("--mcore", required=True, help="dist_checkpointing checkpoint directory")
+    to_hf.add_argument("--fp8", action="store_true", help="DeepSeek's FP8: float8_e4m3fn weights + 128x128 weight_scale_inv")
+    for command in (to_mcore, to_hf):
+        command.add_argument("--out", required=True, help="output directory (must not exist)")
+        command.add_argument("--preset", required=True, help="megatron_dsv3.config preset name")
+        command.add_argument("--set", dest="overrides", type=_override, action="append", default=[],
+                             metavar="FIELD=JSON", help="override a preset field (repeatable)")
+        for flag in ("--tp", "--pp", "--ep"):
+            command.add_argument(flag, type=int, default=1, help="parallel size of the output (only 1 so far)")
+    return top
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    for flag in ("tp", "pp", "ep"):
+        if getattr(args, flag) != 1:
+            print(f"error: --{flag} {getattr(args, flag)} is not supported yet: the converter writes one "
+                  "TP=PP=EP=1 checkpoint (dist_checkpointing reshards it on load). Fix: drop the flag.", file=sys.stderr)
+            return 2
+    try:
+        config = preset(args.preset, **dict(args.overrides))
+        from megatron_dsv3.training.loop import init_distributed
+
+        init_distributed()
+        cpu.enable()
+        if args.command == "hf-to-mcore":
+            hf_to_mcore(args.hf, args.out, config)
+        else:
+            mcore_to_hf(args.mcore, args.out, config, fp8=args.fp8)
+    except (ConfigError, ConversionError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
