@@ -276,6 +276,10 @@ def preset(name: str, **overrides) -> DeepSeekV3Config:
                 key, overrides[key], "not a field of DeepSeekV3Config / MLATransformerConfig",
                 "check the spelling against megatron.core's TransformerConfig",
             )
+    for key, value in overrides.items():  # "bfloat16" from a command line's --set
+        if key.endswith("dtype") and isinstance(value, str):
+            _check(isinstance(getattr(torch, value, None), torch.dtype), key, value, "not a torch dtype", "use e.g. 'bfloat16' or 'float32'")
+            overrides[key] = getattr(torch, value)
     fields = {**PRESETS[name], **overrides, "preset_name": name}
     if "num_layers" in overrides and "moe_layer_freq" not in overrides:
         k = first_k_dense_count(PRESETS[name])

@@ -144,6 +144,12 @@ def test_apply_token_schedules_sets_the_fields_megatron_reads_each_step():
     assert c.moe_router_bias_update_rate == 0.001 and c.mtp_loss_scaling_factor == 0.3
 
 
+def test_dtype_fields_accept_names_from_the_command_line():
+    assert preset("deepseek-v3", params_dtype="bfloat16").params_dtype is torch.bfloat16
+    with pytest.raises(ConfigError, match="params_dtype='bf17'"):
+        preset("tiny", params_dtype="bf17")
+
+
 def test_bad_schedule_is_rejected():
     with pytest.raises(ConfigError, match="steps="):
         StepSchedule(((0.5, 0.1),))
