@@ -19,7 +19,8 @@ Backends (`backend=`):
   "emulate"   any device: the slice-by-slice FP32 promotion above, written in torch.
   "scaled_mm" `torch.nn.functional.scaled_mm` with ScalingType.BlockWise1x128 /
               BlockWise128x128 (torch >= 2.9, CUDA sm90 (Hopper) only, cuBLASLt >= 12.9).
-  "te"        Transformer Engine: not wired (see `_te_gemm`); raises, never falls back.
+  (Transformer Engine's blockwise FP8 is not a backend of this function: it runs inside TE's
+  own modules, selected by the config's `fp8_blockwise="te"`.)
   "auto"      scaled_mm for CUDA tensors on an sm90 device when the tile pair has a
               kernel, else emulate.
 Asking explicitly for a backend that cannot run is a RuntimeError saying why.
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 
 from megatron_dsv3.fp8.quant import TILE, BlockwiseFP8
 
-BACKENDS = ("auto", "emulate", "scaled_mm", "te")
+BACKENDS = ("auto", "emulate", "scaled_mm")
 _ROW_TILE = (1, TILE)
 _BLOCK_TILE = (TILE, TILE)
 
@@ -138,36 +139,23 @@ def _scaled_mm_gemm(a: BlockwiseFP8, b: BlockwiseFP8, out_dtype: torch.dtype) ->
     return out[:M, :N]
 
 
-def _te_gemm(a: BlockwiseFP8, b: BlockwiseFP8, out_dtype: torch.dtype) -> torch.Tensor:
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except ImportError as err:
-        raise RuntimeError(
-            "backend='te' needs Transformer Engine, which is not installed "
-            f"({err}); on a Hopper GPU machine run `pip install transformer-engine[pytorch]` "
-            "(or `pip install -e '.[te]'`), or use backend='scaled_mm' or 'emulate'"
-        ) from err
-    raise NotImplementedError(
-        "backend='te': Transformer Engine is installed, but handing BlockwiseFP8 codes and "
-        "scales to TE's blockwise GEMM (its Float8BlockwiseQTensor + general_gemm internals) is "
-        "not implemented; use backend='scaled_mm' (Hopper) or 'emulate'"
-    )
-
-
 def blockwise_gemm(
     a: BlockwiseFP8, b: BlockwiseFP8, *, backend: str = "auto", out_dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """dequant(a) @ dequant(b).T, [M, N], for a: [M, K] and b: [N, K] (see module docstring)."""
     _check_operands(a, b)
+    if backend == "te":
+        raise ValueError(
+            "blockwise_gemm backend='te': TE's blockwise FP8 runs inside TE modules, not on these "
+            "tensors. Fix: set the config's fp8_blockwise='te' with transformer_impl='transformer_engine'."
+        )
     if backend not in BACKENDS:
         raise ValueError(f"blockwise_gemm backend={backend!r} is not one of {BACKENDS}")
     if backend == "auto":
         backend = "emulate" if _scaled_mm_unavailable(a, b) else "scaled_mm"
     if backend == "emulate":
         return _emulate_gemm(a, b).to(out_dtype)
-    if backend == "scaled_mm":
-        reason = _scaled_mm_unavailable(a, b)
-        if reason:
-            raise RuntimeError(f"blockwise_gemm backend='scaled_mm' cannot run: {reason}")
-        return _scaled_mm_gemm(a, b, out_dtype)
-    return _te_gemm(a, b, out_dtype)
+    reason = _scaled_mm_unavailable(a, b)
+    if reason:
+        raise RuntimeError(f"blockwise_gemm backend='scaled_mm' cannot run: {reason}")
+    return _scaled_mm_gemm(a, b, out_dtype)
