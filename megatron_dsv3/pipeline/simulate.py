@@ -1,0 +1,279 @@
+"""Replay a pipeline order with per-stage costs: its timeline, bubble and activations.
+
+The replay is event-driven, with P2P taking no time: a rank starts its next action as soon
+as it is free and the action's inputs exist (the forward of stage s+1 needs the forward of
+stage s of the same micro-batch; the backward of stage s needs its own forward and the
+backward of stage s+1; a W needs its B). Every computation inside an FB completes when the
+FB does.
+
+Definitions, chosen so that PAPER.md §6's table is what this replay measures:
+  bubble of a rank   makespan of the global batch (first start to last end, over all ranks)
+                     minus the time the rank computes. Ranks do unequal work once forwards
+                     and backwards overlap (a rank with more FB's computes for less time).
+  bubble             the largest bubble of a rank: the pipeline bubble per global batch.
+                     1F1B and ZB1P ranks all have the same; in DualPipe(V) the two ranks
+                     nearest the turn of the V have it (they run the most FB's, so compute
+                     least when F&B < F + B).
+  activations        a rank holds one (chunk, microbatch)'s activations from the start of
+                     its forward to the end of its backward for inputs (B, BW, or an FB's
+                     backward): what W needs (the layer inputs and output gradients) is not
+                     counted, as in DualPipe's accounting. Inside an FB the forward's
+                     activations count before the backward frees its own. Counts are in
+                     chunk activations (one micro-batch through one of the rank's stages);
+                     `Placement.activation_unit` converts them to a 1F1B stage's on as many
+                     ranks (DualPipeV's stages are half-size: 1/2).
+
+Where the paper's bubble formulas are exactly the replayed bubble (found by sweeping costs
+in quarter units on up to 8 ranks; the tests check sample points). The paper's figure draws
+forward = backward for inputs = W, which is inside all four:
+  1F1B       (P-1)(F+B)           always.
+  ZB1P       (P-1)(F+B-2W)        M >= P and W <= min(F, B-W).
+  DualPipe   (P/2-1)(F&B+B-3W)    F = B-W and W <= F.
+  DualPipeV  (P-1)(F&B+B-3W)      F = B-W and W <= F   (F, B, W of one half-size stage).
+Outside these, the replay gives the bubble of the same order, which the formula can miss
+(e.g. DualPipeV, P=4, F=1 B=2 W=0 F&B=3: 14, formula 15).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict, deque
+from dataclasses import dataclass
+from typing import Callable
+
+from megatron_dsv3.pipeline import schedule
+from megatron_dsv3.pipeline.schedule import Action, Placement
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Times of one stage's computations, in one unit: F a forward, B a *full* backward (input
+    and weight gradients, as PAPER.md §6), W the backward for weights alone (so a backward for
+    inputs takes B - W), FB a forward and a full backward overlapped (the paper's F&B)."""
+
+    F: float
+    B: float
+    W: float
+    FB: float
+
+    def __post_init__(self):
+        if not (self.F >= 0 and self.B >= self.W >= 0):
+            raise ValueError(f"costs need F >= 0 and B >= W >= 0: got {self}")
+        if not max(self.F, self.B) <= self.FB <= self.F + self.B:
+            raise ValueError(
+                f"an overlapped forward and backward takes at least the longer of the two and at most both "
+                f"back to back: need max(F, B) = {max(self.F, self.B)} <= FB <= F + B = {self.F + self.B}, got FB={self.FB}"
+            )
+
+    def of(self, kind: str) -> float:
+        """Time of one action of `kind` (see `schedule.KINDS`)."""
+        return {"F": self.F, "B": self.B - self.W, "W": self.W, "BW": self.B, "FB": self.FB}[kind]
+
+
+@dataclass(frozen=True)
+class TimedAction:
+    rank: int
+    action: Action
+    start: float
+    end: float
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """What `simulate` returns: every action of every rank with its start and end."""
+
+    records: tuple[TimedAction, ...]  # by rank, each rank's in its order
+    placement: Placement
+    costs: Costs
+
+    def of_rank(self, rank: int) -> list[TimedAction]:
+        return [record for record in self.records if record.rank == rank]
+
+    def makespan(self) -> float:
+        return max(r.end for r in self.records) - min(r.start for r in self.records)
+
+    def rank_bubbles(self) -> list[float]:
+        """Per rank: makespan minus the time it computes."""
+        makespan = self.makespan()
+        return [makespan - sum(r.end - r.start for r in self.of_rank(rank)) for rank in range(self.placement.num_ranks)]
+
+    def bubble(self) -> float:
+        """The pipeline bubble per global batch: the largest bubble of a rank."""
+        return max(self.rank_bubbles())
+
+    def rank_activation_peaks(self) -> list[int]:
+        """Per rank: the most (chunk, microbatch) activations held at once, in chunk activations."""
+        peaks = []
+        for rank in range(self.placement.num_ranks):
+            held = peak = 0
+            for record in self.of_rank(rank):
+                for kind, _, _ in record.action.computations():
+                    held += {"F": 1, "B": -1, "W": 0}[kind]
+                    peak = max(peak, held)
+            peaks.append(peak)
+        return peaks
+
+    def activation_peak(self) -> int:
+        return max(self.rank_activation_peaks())
+
+
+def simulate(order: list[list[Action]], placement: Placement, costs: Costs) -> Timeline:
+    """Replay `order` (see the module docstring); raises ValueError if the ranks deadlock."""
+    num_stages = placement.num_stages
+    ends: dict[tuple[str, int, int, int], float] = {}  # (F | B | W, direction, stage, microbatch) -> end
+    waiting: dict[tuple[str, int, int, int], list[int]] = defaultdict(list)  # missing input -> ranks
+    clock = [0.0] * placement.num_ranks
+    position = [0] * placement.num_ranks
+    records: list[list[TimedAction]] = [[] for _ in order]
+    runnable = deque(range(placement.num_ranks))
+    while runnable:
+        rank = runnable.popleft()
+        while position[rank] < len(order[rank]):
+            action = order[rank][position[rank]]
+            produced = [(kind, *placement.stage_of[rank][chunk], microbatch) for kind, chunk, microbatch in action.computations()]
+            needed = [key for made in produced for key in _inputs(made, num_stages) if key not in produced]
+            missing = next((key for key in needed if key not in ends), None)
+            if missing is not None:
+                waiting[missing].append(rank)
+                break
+            start = max([clock[rank]] + [ends[key] for key in needed])
+            clock[rank] = start + costs.of(action.kind)
+            records[rank].append(TimedAction(rank, action, start, clock[rank]))
+            for key in produced:
+                ends[key] = clock[rank]
+                runnable.extend(waiting.pop(key, ()))
+            position[rank] += 1
+    stuck = {rank: str(order[rank][position[rank]]) for rank in range(len(order)) if position[rank] < len(order[rank])}
+    if stuck:
+        raise ValueError(f"the order deadlocks: each stuck rank's next action is {stuck}")
+    return Timeline(tuple(record for rank_records in records for record in rank_records), placement, costs)
+
+
+def _inputs(computation: tuple[str, int, int, int], num_stages: int) -> list[tuple[str, int, int, int]]:
+    """The computations whose results `computation` (kind, direction, stage, microbatch) needs."""
+    kind, direction, stage, microbatch = computation
+    if kind == "F":
+        return [("F", direction, stage - 1, microbatch)] if stage > 0 else []
+    if kind == "B":
+        inputs = [("F", direction, stage, microbatch)]
+        return inputs + ([("B", direction, stage + 1, microbatch)] if stage < num_stages - 1 else [])
+    return [("B", direction, stage, microbatch)]
+
+
+# ----------------------------------------------------------------------------- the paper's table
+
+
+def bubble_1f1b(num_ranks: int, costs: Costs) -> float:
+    return (num_ranks - 1) * (costs.F + costs.B)
+
+
+def bubble_zb1p(num_ranks: int, costs: Costs) -> float:
+    return (num_ranks - 1) * (costs.F + costs.B - 2 * costs.W)
+
+
+def bubble_dualpipe(num_ranks: int, costs: Costs) -> float:
+    """P ranks, P stages per direction: (PP/2 - 1)(F&B + B - 3W) with PP = P."""
+    return (num_ranks // 2 - 1) * (costs.FB + costs.B - 3 * costs.W)
+
+
+def bubble_dualpipev(num_ranks: int, costs: Costs) -> float:
+    """P ranks, 2P half-size stages: (PP/2 - 1)(F&B + B - 3W) with PP = 2P."""
+    return (num_ranks - 1) * (costs.FB + costs.B - 3 * costs.W)
+
+
+def _always(num_ranks: int, num_microbatches: int, costs: Costs) -> bool:
+    return True
+
+
+def _zb1p_formula_holds(num_ranks: int, num_microbatches: int, costs: Costs) -> bool:
+    return num_microbatches >= num_ranks and costs.W <= min(costs.F, costs.B - costs.W)
+
+
+def _dualpipe_formula_holds(num_ranks: int, num_microbatches: int, costs: Costs) -> bool:
+    return math.isclose(costs.F, costs.B - costs.W) and costs.W <= costs.F
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """One schedule of PAPER.md §6's table on P ranks and M micro-batches.
+
+    bubble_formula(P, costs): the table's bubble.
+    formula_holds(P, M, costs): whether that formula is exact here (module docstring).
+    activation_bound(P): the table's activations per device, in chunk activations."""
+
+    name: str
+    order: Callable[[int, int], list[list[Action]]]
+    placement: Callable[[int, int], Placement]
+    bubble_formula: Callable[[int, Costs], float]
+    formula_holds: Callable[[int, int, Costs], bool]
+    activation_bound: Callable[[int], int]
+
+
+SCHEDULES = {
+    spec.name: spec
+    for spec in (
+        ScheduleSpec("1F1B", schedule.one_f_one_b_order, schedule.one_f_one_b_placement, bubble_1f1b, _always, lambda p: p),
+        ScheduleSpec("ZB1P", schedule.zb1p_order, schedule.one_f_one_b_placement, bubble_zb1p, _zb1p_formula_holds, lambda p: p),
+        ScheduleSpec(
+            "DualPipe", schedule.dualpipe_order, schedule.dualpipe_placement, bubble_dualpipe, _dualpipe_formula_holds,
+            lambda p: p + 1,  # PP + 1 with PP = P full-size stages
+        ),
+        ScheduleSpec(
+            "DualPipeV", schedule.dualpipev_order, schedule.dualpipev_placement, bubble_dualpipev, _dualpipe_formula_holds,
+            lambda p: 2 * p + 1,  # PP + 1 with PP = 2P half-size stages, i.e. P + 1/2 full-size ones
+        ),
+    )
+}
+
+
+def simulate_schedule(spec: ScheduleSpec, num_ranks: int, num_microbatches: int, costs: Costs) -> Timeline:
+    """Build `spec`'s order on P ranks, check it, and replay it."""
+    order = spec.order(num_ranks, num_microbatches)
+    placement = spec.placement(num_ranks, num_microbatches)
+    schedule.check_order(order, placement)
+    return simulate(order, placement, costs)
+
+
+# ----------------------------------------------------------------------------- plot
+
+_COLORS = {"F": "#f2a93b", "B": "#a8e07a", "W": "#6fb7f0", "BW": "#5cc94a"}
+
+
+def plot_timeline(timeline: Timeline, path, title: str = "") -> None:
+    """A PNG like PAPER.md's Figure 5: one row per rank, a box per action with its
+    micro-batch inside (white for chunk 1, black for chunk 0); an FB is a forward box and a
+    full-backward box inside one black frame."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    num_ranks = timeline.placement.num_ranks
+    makespan = timeline.makespan()
+    figure, axes = plt.subplots(figsize=(min(max(8.0, makespan * 0.18), 40.0), 0.5 * num_ranks + 1.2))
+    costs = timeline.costs
+    for record in timeline.records:
+        y = num_ranks - 1 - record.rank
+        if record.action.kind == "FB":
+            split = record.start + (record.end - record.start) * costs.F / (costs.F + costs.B)
+            parts = [("F", record.start, split, record.action.chunk, record.action.microbatch),
+                     ("BW", split, record.end, record.action.backward_chunk, record.action.backward_microbatch)]
+        else:
+            parts = [(record.action.kind, record.start, record.end, record.action.chunk, record.action.microbatch)]
+        for kind, start, end, chunk, microbatch in parts:
+            axes.add_patch(Rectangle((start, y), end - start, 1, facecolor=_COLORS[kind], edgecolor="grey", linewidth=0.5))
+            axes.text((start + end) / 2, y + 0.5, str(microbatch), ha="center", va="center", fontsize=6,
+                      color="white" if chunk == 1 else "black")
+        axes.add_patch(Rectangle((record.start, y), record.end - record.start, 1, fill=False, edgecolor="black", linewidth=0.8))
+    axes.set_xlim(0, makespan)
+    axes.set_ylim(0, num_ranks)
+    axes.set_yticks([num_ranks - 0.5 - rank for rank in range(num_ranks)], [f"rank {rank}" for rank in range(num_ranks)])
+    axes.set_xlabel("time")
+    legend = {"F": "forward", "B": "backward for inputs", "W": "backward for weights", "BW": "full backward"}
+    axes.legend(handles=[Rectangle((0, 0), 1, 1, facecolor=_COLORS[k], label=v) for k, v in legend.items()],
+                loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=4, fontsize=7, frameon=False)
+    axes.set_title(title or f"bubble {timeline.bubble():g}, makespan {timeline.makespan():g}", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
