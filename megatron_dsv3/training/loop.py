@@ -28,7 +28,7 @@ from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelpe
 from tqdm import tqdm
 
 from megatron_dsv3 import cpu
-from megatron_dsv3.config import check_runtime, preset
+from megatron_dsv3.config import check_runtime, moe_layer_pattern, preset
 from megatron_dsv3.pipeline.no_pipelining import forward_backward_no_pipelining
 from megatron_dsv3.routing import expert_load, finalize_model_grads_with_load
 from megatron_dsv3.specs import gpt_model
@@ -147,8 +147,8 @@ def step_metrics(losses: list[dict], config, model_chunks, num_microbatches: int
     moe = get_moe_layer_wise_logging_tracker()
     if "seq_load_balancing_loss" in moe:
         # recorded as sum_i f_i P_i per layer and micro-batch; report alpha * mean over layers
+        moe_layers = sum(moe_layer_pattern(config)) + (config.mtp_num_layers or 0)
         values = moe["seq_load_balancing_loss"]["values"]
-        moe_layers = int((values != 0).sum()) or 1
         record["seq_balance_loss"] = float(values.sum() / num_microbatches / moe_layers * config.moe_aux_loss_coeff)
     clear_aux_losses_tracker()
     loads = expert_load(model_chunks)
