@@ -7,7 +7,8 @@ weight (read, never modified), b: [N] or None.
   Wgrad  dW [N, K] = dy^T [N, T] @ x^T [K, T]^T, both 128x1-tiled over tokens, i.e. 1x128
                      along the inner dim T of the transposed tensors
 All accumulate in FP32 with promotion every 128 inner elements (`blockwise_gemm`). The bias
-is added, and its gradient summed, in FP32.
+is added, and its gradient summed, in FP32. Wgrad goes through
+`pipeline.weight_grad.defer_or_compute`: inside a zero-bubble B it waits for its W.
 
 What is saved for backward (the paper caches activations in FP8): x quantised with 128x1
 tiles, taken in the forward pass from the high-precision x (a single quantisation, no
@@ -26,6 +27,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 
 from megatron_dsv3.fp8.gemm import blockwise_gemm
 from megatron_dsv3.fp8.quant import TILE, BlockwiseFP8, quantize_1x128, quantize_128x1, quantize_128x128
+from megatron_dsv3.pipeline.weight_grad import defer_or_compute
 
 
 class BlockwiseFP8LinearFunction(torch.autograd.Function):
@@ -49,6 +51,7 @@ class BlockwiseFP8LinearFunction(torch.autograd.Function):
         x_cols = quantize_128x1(x_TK, pow2_scale=pow2_input_scale, name="fp8_linear input x")
         ctx.save_for_backward(x_cols.data, x_cols.scale, w_blocks.data, w_blocks.scale)
         ctx.backend = backend
+        ctx.weight = weight  # the parameter a deferred weight gradient goes to (pipeline/weight_grad.py)
         ctx.x_shape, ctx.x_dtype, ctx.weight_dtype = x.shape, x.dtype, weight.dtype
         ctx.has_bias = bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -68,10 +71,14 @@ class BlockwiseFP8LinearFunction(torch.autograd.Function):
             grad_x = dx_TK.to(ctx.x_dtype).reshape(ctx.x_shape)
 
         if ctx.needs_input_grad[1]:
-            x_cols = BlockwiseFP8(x_codes_TK, x_scale, (TILE, 1), tuple(x_codes_TK.shape))
-            dy_cols = quantize_128x1(dy_TN, name="fp8_linear output grad dy")
-            dw_NK = blockwise_gemm(dy_cols.t(), x_cols.t(), backend=ctx.backend)
-            grad_w = dw_NK.to(ctx.weight_dtype)
+            backend, weight_dtype = ctx.backend, ctx.weight_dtype
+
+            def wgrad():
+                x_cols = BlockwiseFP8(x_codes_TK, x_scale, (TILE, 1), tuple(x_codes_TK.shape))
+                dy_cols = quantize_128x1(dy_TN, name="fp8_linear output grad dy")
+                return blockwise_gemm(dy_cols.t(), x_cols.t(), backend=backend).to(weight_dtype)
+
+            grad_w = defer_or_compute(ctx.weight, wgrad)
 
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = dy_TN.float().sum(dim=0).to(ctx.bias_dtype)

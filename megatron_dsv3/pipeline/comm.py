@@ -11,6 +11,16 @@ input gradients). Each stream is sent and received in micro-batch order, and the
 told apart by their tag, so a message always meets the receive meant for it.
 Tags are honoured by gloo (CPU); NCCL ignores them and matches sends to receives in issue
 order, which this executor does not guarantee yet (see dualpipe.py, next steps).
+
+Failures. A receive whose sender has died fails at once (gloo: "Connection closed by
+peer"); one whose sender is alive but never sends (stuck, or in its own error handling)
+fails after the pipeline group's timeout: gloo's blocking `recv` honours it (measured with
+torch 2.14). That timeout is the one the group was created with: Megatron's
+`initialize_model_parallel(distributed_timeout_minutes=...)` (Megatron-LM
+`--distributed-timeout-minutes`, default 30), not `init_process_group(timeout=...)`, which
+only sets the default group's; a launcher wanting a short bound must set the former (and
+the latter for the default group's collectives). `recv` re-raises either error naming both
+pipeline ranks and the stream (tests/distributed/test_pipeline_failure.py).
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import torch.distributed as dist
 
 ACTIVATION = 0
 GRADIENT = 1
+_STREAMS = {ACTIVATION: "an activation", GRADIENT: "a gradient"}
 
 
 class NeighbourP2P:
@@ -45,7 +56,15 @@ class NeighbourP2P:
 
     def recv(self, from_rank: int, tag: int) -> torch.Tensor:
         tensor = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-        dist.recv(tensor, group=self.group, group_src=from_rank, tag=tag)
+        try:
+            dist.recv(tensor, group=self.group, group_src=from_rank, tag=tag)
+        except RuntimeError as error:  # torch's DistBackendError is one
+            raise RuntimeError(
+                f"pipeline rank {self.group.rank()}: receiving {_STREAMS[tag]} from pipeline rank {from_rank} failed: "
+                f"{error}. That rank failed, hangs, or is unreachable (see its own error); one that hangs is detected "
+                "only after the pipeline group's timeout. Fix: set it with initialize_model_parallel("
+                "distributed_timeout_minutes=...) (Megatron-LM: --distributed-timeout-minutes; default 30)."
+            ) from error
         return tensor
 
     def wait_all(self) -> None:

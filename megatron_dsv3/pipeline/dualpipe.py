@@ -11,20 +11,28 @@ the loss is computed on rank 0 after chunk 1. Gradients flow the other way.
 Execution. Each rank walks its own `dualpipev_order(P, M)[rank]`, one action at a time:
   F          receive the input (or take it from the V turn), `schedules.forward_step`,
              send the output (or keep it for the V turn / the loss);
-  B, BW      receive the output gradient (or take it from the V turn / none for the loss),
-             `schedules.backward_step`, send the input gradient;
-  FB         the forward, then the backward (no overlap yet);
-  W          nothing (see below).
+  B          receive the output gradient (or take it from the V turn / none for the loss),
+             `schedules.backward_step` inside `WeightGradStore.capture`, send the input
+             gradient: the linears' weight GEMMs are queued, not run (weight_grad.py);
+  W          run the oldest queued B's weight GEMMs (first in, first out; it is this W's);
+  BW         as B, but the weight gradients are computed at once (a full backward);
+  FB         the forward, then a full backward (no overlap yet).
 Reusing Megatron's forward_step / backward_step sets the MoE and MTP loss scales, divides
 the loss by the micro-batch count and applies `grad_scale_func`, as upstream schedules do.
 Sends are non-blocking and receives block (comm.py), so a rank waits only for what its next
 action needs; the order is deadlock-free under that rule (simulate.py replays it).
 
-Current limitation: no zero-bubble W deferral. Every backward (B, BW, or an FB's) computes
-input and weight gradients together, where the order has it; W is a no-op. Results are
-those of the full schedule; only the bubble is larger than the paper's. Next: B computes
-input gradients only and queues weight-gradient closures that W runs first in, first out
-(DualPipe's WeightGradStore), then FB through an `overlapped_forward_backward`.
+The executor gives each chunk's local linears the deferrable forward at the start of a run
+(`enable_weight_grad_deferral`, idempotent). Deferred weight gradients reach DDP's main_grad
+through autograd and DDP's own hook, each weight's once per micro-batch as in a full
+backward, so the gradients are bit-identical to a run without deferral (weight_grad.py).
+DDP's sync of a chunk must see the B and the W of its last micro-batch: both run outside
+`no_sync`.
+Next: FB through a module's `overlapped_forward_backward`.
+
+Failures. A rank that raises stops sending; its neighbours' receives then fail, at once if
+its process has exited, else after the pipeline group's timeout (comm.py), and the error
+spreads rank by rank the same way: every rank raises, within at most about P timeouts.
 
 Contract (DESIGN.md, "Contracts a Megatron schedule must honour"):
   - Loss dicts. Megatron's `is_pipeline_last_stage` is true on rank P-1, and Megatron-LM
@@ -55,6 +63,7 @@ from megatron.core.utils import get_model_config, get_pg_size
 
 from megatron_dsv3.pipeline.comm import ACTIVATION, GRADIENT, NeighbourP2P
 from megatron_dsv3.pipeline.schedule import dualpipev_order, validate_dualpipev
+from megatron_dsv3.pipeline.weight_grad import WeightGradStore, enable_weight_grad_deferral
 
 
 def forward_backward_dualpipev(
@@ -215,21 +224,28 @@ class _RankExecutor:
         self._turn_activations: dict[int, torch.Tensor] = {}  # mb -> chunk 0 output, on rank P-1
         self._turn_gradients: dict[int, torch.Tensor] = {}  # mb -> chunk 1 input grad, on rank P-1
         self.grad_sync = _GradSync(config.no_sync_func)
+        self.weight_grads = WeightGradStore()  # B's deferred weight gradients, until their W
 
     def run(self, actions) -> None:
         if self.config.param_sync_func is not None:
             for chunk, func in enumerate(_per_chunk(self.config.param_sync_func, len(self.model))):
                 func(self.model[chunk].parameters())
         if not self.forward_only:
+            for chunk in self.model:
+                enable_weight_grad_deferral(chunk)
             self.grad_sync.hold()
         for action in actions:
             for kind, chunk, microbatch in action.computations():
                 if kind == "F":
                     self.forward(chunk, microbatch)
                 elif kind == "B" and not self.forward_only:
-                    self.backward(chunk, microbatch)
-                # W: its weight gradients were computed with the B (the design note).
+                    self.backward(chunk, microbatch, defer_weight_grads=action.kind == "B")
+                elif kind == "W" and action.kind == "W" and not self.forward_only:
+                    self.weight_backward(chunk, microbatch)
+                # the W of a BW or an FB: computed with its B (a full backward)
         self.p2p.wait_all()
+        if len(self.weight_grads):
+            raise RuntimeError(f"rank {self.rank}: {len(self.weight_grads)} deferred B's had no W in the order.")
         if not self.forward_only:
             self.grad_sync.release()
             if self.config.grad_sync_func is not None:
@@ -298,16 +314,30 @@ class _RankExecutor:
         if not self.forward_only:
             self._saved[chunk, microbatch] = (input_tensor, output)
 
-    def backward(self, chunk: int, microbatch: int) -> None:
+    def backward(self, chunk: int, microbatch: int, defer_weight_grads: bool) -> None:
         input_tensor, output = self._saved.pop((chunk, microbatch))
         output_gradient = self._output_gradient(chunk, microbatch)
-        last = microbatch == self.num_microbatches - 1  # each chunk's backwards run in micro-batch order
-        if last:
-            self.grad_sync.release()  # DDP syncs this chunk's gradients on its last backward
-        input_gradient = backward_step(input_tensor, output, output_gradient, self.config)
-        if last:
-            self.grad_sync.hold()
+        deferral = self.weight_grads.capture((chunk, microbatch)) if defer_weight_grads else contextlib.nullcontext()
+        with self._grad_sync_if_last(microbatch), deferral:
+            input_gradient = backward_step(input_tensor, output, output_gradient, self.config)
         self._deliver_input_gradient(chunk, microbatch, input_gradient)
+
+    def weight_backward(self, chunk: int, microbatch: int) -> None:
+        with self._grad_sync_if_last(microbatch):
+            self.weight_grads.run((chunk, microbatch))
+
+    @contextlib.contextmanager
+    def _grad_sync_if_last(self, microbatch: int):
+        """DDP syncs a chunk's gradients during its last micro-batch's backward (B and W):
+        each chunk's backwards run in micro-batch order, and so do its W's."""
+        last = microbatch == self.num_microbatches - 1
+        if last:
+            self.grad_sync.release()
+        try:
+            yield
+        finally:
+            if last:
+                self.grad_sync.hold()
 
 
 def _move_losses_to_last_stage(executor: _RankExecutor, group) -> tuple[list, torch.Tensor]:

@@ -12,6 +12,9 @@ sums the two contributions inside one backward, then adds the sum to the micro-b
 accumulator, while DualPipeV runs the two backwards at different times and adds them one at
 a time (in an order the schedule interleaves across micro-batches). Same terms, another
 order of fp32 additions: bounded at 1e-6 relative to the gradient's largest entry.
+The order's B actions defer their linears' weight gradients to its W actions
+(pipeline/weight_grad.py); those reach main_grad once per micro-batch, in micro-batch order,
+as in the single process, so they are among the bit-identical ones.
 """
 
 import os
