@@ -60,6 +60,7 @@ PAPER_MTP_LAMBDA_SCHEDULE = StepSchedule(((0.0, 0.3), (10.0 / 14.8, 0.1)))
 
 DISPATCHERS_ON_CPU = ("allgather",)
 FP8_BLOCKWISE_BACKENDS = ("te", "emulate", "scaled_mm", "auto")
+TORCH_DTYPE_FIELDS = ("params_dtype", "pipeline_dtype", "autocast_dtype")  # not moe_router_dtype: a string
 
 
 @dataclass
@@ -268,7 +269,7 @@ def preset(name: str, **overrides) -> DeepSeekV3Config:
                 "check the spelling against megatron.core's TransformerConfig",
             )
     for key, value in overrides.items():  # "bfloat16" from a command line's --set
-        if key.endswith("dtype") and isinstance(value, str):
+        if key in TORCH_DTYPE_FIELDS and isinstance(value, str):
             _check(isinstance(getattr(torch, value, None), torch.dtype), key, value, "not a torch dtype", "use e.g. 'bfloat16' or 'float32'")
             overrides[key] = getattr(torch, value)
     fields = {**PRESETS[name], **overrides, "preset_name": name}
@@ -371,8 +372,9 @@ def validate(c: DeepSeekV3Config) -> None:
             f"bias-balanced routing is defined on sigmoid affinities, not {c.moe_router_score_function!r}",
             "set moe_router_score_function='sigmoid'",
         )
+        coefficients = c.moe_aux_loss_coeff if isinstance(c.moe_aux_loss_coeff, (list, tuple)) else [c.moe_aux_loss_coeff]
         _check(
-            c.moe_aux_loss_coeff is None or _as_float(c.moe_aux_loss_coeff) >= 0,
+            all(v is None or v >= 0 for v in coefficients),
             "moe_aux_loss_coeff", c.moe_aux_loss_coeff, "a loss weight cannot be negative", "paper: alpha = 0.0001",
         )
     # MTP (PAPER.md §4)
@@ -458,10 +460,6 @@ def fp8_inner_dims(c: DeepSeekV3Config) -> dict[str, int]:
         if c.moe_shared_expert_intermediate_size:
             dims["moe_shared_expert_intermediate_size"] = c.moe_shared_expert_intermediate_size
     return dims
-
-
-def _as_float(value) -> float:
-    return sum(value) if isinstance(value, (list, tuple)) else value
 
 
 def check_runtime(c: DeepSeekV3Config, device: str) -> None:

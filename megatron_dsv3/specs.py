@@ -181,7 +181,13 @@ class FirstKDenseLayer(TransformerLayer):
     decoder layer.
     """
 
-    def __init__(self, config, submodules, layer_number=1, *, dense_mlp, vp_stage=None, is_mtp_layer=False, pg_collection=None, **kwargs):
+    def __init__(self, config, submodules, layer_number=1, *, dense_mlp, moe_grouped_gemm, vp_stage=None, is_mtp_layer=False, pg_collection=None, **kwargs):
+        if config.num_moe_experts and config.moe_grouped_gemm != moe_grouped_gemm:
+            raise ValueError(
+                f"moe_grouped_gemm={config.moe_grouped_gemm}: this --spec builds its experts with "
+                f"moe_grouped_gemm={moe_grouped_gemm}. Fix: {'add' if moe_grouped_gemm else 'drop'} "
+                "--moe-grouped-gemm, or use the other layer spec."
+            )
         if not is_mtp_layer:
             pp_rank = get_pg_rank(pg_collection.pp) if pg_collection is not None else None
             index = layer_number - 1 + get_transformer_layer_offset(config, vp_stage, pp_rank)
@@ -208,7 +214,8 @@ def _first_k_dense_layer_spec(backend: str) -> ModuleSpec:
         )
     moe = _with_our_modules(upstream, backend)
     dense = get_mlp_module_spec(use_te=backend == "te", num_experts=None)
-    return ModuleSpec(module=FirstKDenseLayer, params={"dense_mlp": dense}, submodules=moe.submodules)
+    params = {"dense_mlp": dense, "moe_grouped_gemm": backend == "te"}
+    return ModuleSpec(module=FirstKDenseLayer, params=params, submodules=moe.submodules)
 
 
 local_layer_spec = _first_k_dense_layer_spec("local")

@@ -358,6 +358,7 @@ def meta_model(config: DeepSeekV3Config):
     build = dataclasses.replace(
         config, transformer_impl="local", moe_token_dispatcher_type="allgather",
         use_cpu_initialization=True, perform_initialization=False,
+        fp8_blockwise=None, fp8=None,  # the checkpoint holds master weights; FP8 is a runtime choice
     )
     with torch.device("meta"):
         return gpt_model(build)

@@ -28,7 +28,7 @@ from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelpe
 from tqdm import tqdm
 
 from megatron_dsv3 import cpu
-from megatron_dsv3.config import check_runtime, moe_layer_pattern, preset
+from megatron_dsv3.config import ConfigError, check_runtime, moe_layer_pattern, preset
 from megatron_dsv3.pipeline.no_pipelining import forward_backward_no_pipelining
 from megatron_dsv3.routing import expert_load, finalize_model_grads_with_load
 from megatron_dsv3.specs import gpt_model
@@ -161,6 +161,13 @@ def step_metrics(losses: list[dict], config, model_chunks, num_microbatches: int
 
 def train(args: TrainArgs) -> dict:
     config = preset(args.preset, **args.overrides)
+    if config.bf16 or config.fp16 or config.params_dtype != torch.float32:
+        raise ConfigError(
+            "params_dtype", config.params_dtype,
+            "the compact loop keeps FP32 master weights and has no mixed-precision wrapper (Float16Module)",
+            "train with params_dtype=float32, bf16=False (use --bf16-moments for BF16 optimizer state, "
+            "fp8_blockwise for FP8 GEMMs)",
+        )
     for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size", "context_parallel_size"):
         if getattr(config, name) != 1:
             raise ValueError(

@@ -90,6 +90,7 @@ INVALID = [
     (dict(seq_length=1), "seq_length"),
     (dict(bias_update_rate_schedule=StepSchedule(((0.0, -0.001),))), "bias_update_rate_schedule"),
     (dict(moe_router_bias_update_rate=0.05), "moe_router_bias_update_rate"),  # disagrees with the schedule
+    (dict(moe_aux_loss_coeff=[1e-3, -1e-4]), "moe_aux_loss_coeff"),
 ]
 
 
@@ -146,6 +147,7 @@ def test_apply_token_schedules_sets_the_fields_megatron_reads_each_step():
 
 def test_dtype_fields_accept_names_from_the_command_line():
     assert preset("deepseek-v3", params_dtype="bfloat16").params_dtype is torch.bfloat16
+    assert preset("tiny", moe_router_dtype="fp64").moe_router_dtype == "fp64"  # Megatron's own strings
     with pytest.raises(ConfigError, match="params_dtype='bf17'"):
         preset("tiny", params_dtype="bf17")
 

@@ -64,3 +64,16 @@ def test_cpu_layer_is_a_no_op_where_cuda_exists(monkeypatch):
     patched = torch.cuda.current_device
     assert cpu.enable(preset("tiny", moe_token_dispatcher_type="alltoall")) is False  # no CPU checks either
     assert torch.cuda.current_device is patched
+
+
+def test_megatron_lm_spec_rejects_a_grouped_gemm_mismatch():
+    config = preset("tiny", mtp_num_layers=None, moe_grouped_gemm=True)
+    with pytest.raises(ValueError, match="moe_grouped_gemm=True.*Fix: drop --moe-grouped-gemm"):
+        GPTModel(config=config, transformer_layer_spec=local_layer_spec, vocab_size=257, max_sequence_length=128)
+
+
+def test_training_loop_rejects_precision_it_cannot_train_before_building():
+    from megatron_dsv3.training.loop import TrainArgs, train
+
+    with pytest.raises(ConfigError, match="params_dtype=torch.bfloat16.*Fix:"):
+        train(TrainArgs(overrides={"params_dtype": "bfloat16"}, steps=2, warmup_steps=0))
