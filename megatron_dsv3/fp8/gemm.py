@@ -28,6 +28,8 @@ Asking explicitly for a backend that cannot run is a RuntimeError saying why.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -152,7 +154,10 @@ def blockwise_gemm(
     if backend not in BACKENDS:
         raise ValueError(f"blockwise_gemm backend={backend!r} is not one of {BACKENDS}")
     if backend == "auto":
-        backend = "emulate" if _scaled_mm_unavailable(a, b) else "scaled_mm"
+        reason = _scaled_mm_unavailable(a, b)
+        if reason and a.data.is_cuda:  # a GPU run that will not get FP8 tensor cores: say so
+            warnings.warn(f"blockwise_gemm backend='auto' emulates FP8 on this GPU: {reason}", stacklevel=2)
+        backend = "emulate" if reason else "scaled_mm"
     if backend == "emulate":
         return _emulate_gemm(a, b).to(out_dtype)
     reason = _scaled_mm_unavailable(a, b)

@@ -223,7 +223,10 @@ def train(args: TrainArgs) -> dict:
     tokens_per_step = global_batch * config.seq_length
     total_tokens = args.steps * tokens_per_step
     log = MetricsLog(run_dir)
-    (run_dir / "config.json").write_text(json.dumps({"train": {k: str(v) for k, v in dataclasses.asdict(args).items()}, "model": args.preset}, indent=2))
+    resolved = {f.name: repr(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    (run_dir / "config.json").write_text(json.dumps(
+        {"train": {k: str(v) for k, v in dataclasses.asdict(args).items()}, "model": resolved}, indent=2
+    ))
     params = [p for p in ddp_model.parameters() if p.requires_grad]
     MTPLossLoggingHelper.tracker.clear()  # process-global and sized by the first model that logs
     clear_aux_losses_tracker()

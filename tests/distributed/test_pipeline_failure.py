@@ -15,6 +15,7 @@ import socket
 import time
 import traceback
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -75,6 +76,7 @@ def _main(rank: int, port: int, out_dir: str):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_a_failing_rank_makes_the_other_fail_within_a_bound(tmp_path):
     context = mp.get_context("spawn")
     port = _free_port()
