@@ -243,7 +243,7 @@ HF_CONFIG_FIELDS: tuple[ConfigField, ...] = (
     ConfigField("num_nextn_predict_layers", "mtp_num_layers", lambda c: c.mtp_num_layers or 0, False),
     ConfigField("tie_word_embeddings", "share_embeddings_and_output_weights",
                 lambda c: c.share_embeddings_and_output_weights, False),
-    ConfigField("hidden_act", "activation_func", lambda c: "silu", False),
+    ConfigField("hidden_act", "activation_func", lambda c: c.activation_func.__name__, False),  # silu
     ConfigField("scoring_func", "moe_router_score_function", lambda c: c.moe_router_score_function, False),
     ConfigField("topk_method", "moe_router_enable_expert_bias",
                 lambda c: "noaux_tc" if c.moe_router_enable_expert_bias else "greedy", False),
