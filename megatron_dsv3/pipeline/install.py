@@ -1,4 +1,4 @@
-"""Make Megatron pick the DualPipeV executor where it picks a pipeline schedule.
+"""Make Megatron pick the DualPipe or DualPipeV executor where it picks a pipeline schedule.
 
 Design note
 -----------
@@ -8,7 +8,8 @@ get_forward_backward_func()` chooses among its three built-ins, the package re-e
 `megatron.training.training` binds that name at import (`from megatron.core.pipeline_parallel
 import get_forward_backward_func`). `install("dualpipev")` replaces the function at all three
 names with one that returns `forward_backward_dualpipev` when the pipeline has more than one
-rank and otherwise defers to Megatron's. `megatron.training.training` is patched only if it is
+rank and otherwise defers to Megatron's; `install("dualpipe")` likewise with
+`forward_backward_dualpipe`. `megatron.training.training` is patched only if it is
 already imported: if it is imported later, its import binds the already-replaced package name,
 so it needs no patch (and installing does not pay for importing Megatron-LM's training stack,
 nor need Megatron-LM to be present at all: it is not on PyPI, though some megatron-core wheels
@@ -27,29 +28,35 @@ import sys
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import schedules
 
-from megatron_dsv3.pipeline.dualpipe import forward_backward_dualpipev
+from megatron_dsv3.pipeline.dualpipe import forward_backward_dualpipe, forward_backward_dualpipev
 
-SCHEDULES = ("dualpipev",)
+EXECUTORS = {"dualpipev": forward_backward_dualpipev, "dualpipe": forward_backward_dualpipe}
+SCHEDULES = tuple(EXECUTORS)
 _MEGATRON_LM_TRAINING = "megatron.training.training"
 _megatron_get_forward_backward_func = schedules.get_forward_backward_func
 
 
-def get_forward_backward_func_dualpipev(pp_size=None, vp_size=None, schedule_pg_collection=None):
-    """Megatron's `get_forward_backward_func` contract; DualPipeV whenever pp_size > 1."""
-    if isinstance(schedule_pg_collection, schedules.MultiModuleProcessGroupCollection):
-        return _megatron_get_forward_backward_func(pp_size, vp_size, schedule_pg_collection)  # cross-grid bridge
-    if pp_size is None and vp_size is None:
-        pp_size = parallel_state.get_pipeline_model_parallel_world_size()
-        vp_size = parallel_state.get_virtual_pipeline_model_parallel_world_size()
-    if pp_size <= 1:
-        return _megatron_get_forward_backward_func(pp_size, vp_size, schedule_pg_collection)
-    if vp_size is not None:
-        raise ValueError(
-            f"virtual pipeline size {vp_size} with the dualpipev schedule: the V's two chunks per rank are "
-            "stages r and 2P-1-r (megatron_dsv3.pipeline.layout.dualpipev_chunks), not Megatron's interleaving. "
-            "Fix: leave virtual_pipeline_model_parallel_size / num_layers_per_virtual_pipeline_stage unset."
-        )
-    return forward_backward_dualpipev
+class _InstalledGetForwardBackwardFunc:
+    """Megatron's `get_forward_backward_func` contract; our executor whenever pp_size > 1."""
+
+    def __init__(self, schedule: str):
+        self.schedule = schedule
+
+    def __call__(self, pp_size=None, vp_size=None, schedule_pg_collection=None):
+        if isinstance(schedule_pg_collection, schedules.MultiModuleProcessGroupCollection):
+            return _megatron_get_forward_backward_func(pp_size, vp_size, schedule_pg_collection)  # cross-grid bridge
+        if pp_size is None and vp_size is None:
+            pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+            vp_size = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+        if pp_size <= 1:
+            return _megatron_get_forward_backward_func(pp_size, vp_size, schedule_pg_collection)
+        if vp_size is not None:
+            raise ValueError(
+                f"virtual pipeline size {vp_size} with the {self.schedule} schedule: its two chunks per rank are "
+                "placed by megatron_dsv3.pipeline.layout (dualpipev_chunks / dualpipe_chunks), not by Megatron's "
+                "interleaving. Fix: leave virtual_pipeline_model_parallel_size / num_layers_per_virtual_pipeline_stage unset."
+            )
+        return EXECUTORS[self.schedule]
 
 
 def _modules_to_patch() -> list:
@@ -66,24 +73,25 @@ def install(schedule: str) -> None:
     """Make Megatron's `get_forward_backward_func` return `schedule`'s executor when P > 1."""
     if schedule not in SCHEDULES:
         raise ValueError(f"pipeline schedule {schedule!r} is not one this plugin installs; allowed: {SCHEDULES}.")
+    replacement = _InstalledGetForwardBackwardFunc(schedule)
     for module in _modules_to_patch():
-        module.get_forward_backward_func = get_forward_backward_func_dualpipev
+        module.get_forward_backward_func = replacement
 
 
 def uninstall() -> None:
     """Give Megatron its own `get_forward_backward_func` back wherever ours is."""
     for module in _modules_to_patch():
-        if module.get_forward_backward_func is get_forward_backward_func_dualpipev:
+        if isinstance(module.get_forward_backward_func, _InstalledGetForwardBackwardFunc):
             module.get_forward_backward_func = _megatron_get_forward_backward_func
 
 
 def add_pipeline_schedule_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Megatron-LM `extra_args_provider`: adds `--pipeline-schedule {default,dualpipev}`."""
+    """Megatron-LM `extra_args_provider`: adds `--pipeline-schedule {default,dualpipe,dualpipev}`."""
     group = parser.add_argument_group(title="megatron_dsv3 pipeline schedule")
     group.add_argument(
         "--pipeline-schedule",
         choices=("default", *SCHEDULES),
         default="default",
-        help="default: Megatron's own schedules; dualpipev: DualPipeV (megatron_dsv3.pipeline.install).",
+        help="default: Megatron's own schedules; dualpipe / dualpipev: DualPipe / DualPipeV (megatron_dsv3.pipeline.install).",
     )
     return parser

@@ -1,29 +1,37 @@
-"""Model chunks for pipeline placements: DualPipeV's two chunks per rank.
+"""Model chunks for the two-chunk placements: DualPipeV's V and DualPipe's two directions.
 
-DualPipeV (schedule.py) cuts the model into 2P stages of equal depth and puts stage r
-(chunk 0, the way down) and stage 2P-1-r (chunk 1, the way up) on pipeline rank r of P.
+A placement (schedule.py) cuts the model into stages and gives each pipeline rank r of P two:
+  DualPipeV  2P stages in a V: chunk 0 = stage r, chunk 1 = stage 2P-1-r.
+  DualPipe   P stages, two copies of the model running in opposite directions: chunk 0 =
+             stage r of direction 0, chunk 1 = stage P-1-r of direction 1. Rank r's chunk 0
+             and rank P-1-r's chunk 1 are the same stage: *mirrors*, built identical and kept
+             identical (the executor sums their gradients and expert loads, dualpipe.py).
 Each chunk is a Megatron `GPTModel` holding the decoder layers of its stage:
-  - stage 0 (rank 0, chunk 0) has the embedding (`pre_process`);
-  - stage 2P-1 (rank 0, chunk 1) has the final norm, the output head (`post_process`) and
-    the MTP block, whose embedding is the *same module object* as chunk 0's: one embedding
-    on rank 0, physically shared, no copy on another stage to keep in sync (PAPER.md §6).
-    Chunk 0 owns it (it is registered in chunk 0 only), so DDP, the optimizer and
-    checkpoints see it once; chunk 1 only refers to it.
+  - the first stage has the embedding (`pre_process`);
+  - the last stage has the final norm, the output head (`post_process`) and the MTP block.
+    Both placements put the first and the last stage on the same ranks (DualPipeV: rank 0;
+    DualPipe: ranks 0 and P-1), so the MTP block's embedding is the *same module object* as
+    the first stage's on that rank: physically shared, no copy to keep in sync (PAPER.md §6).
+    The first stage's chunk owns it (registered there only), so DDP, the optimizer and
+    checkpoints see it once per rank; the last stage's chunk only refers to it.
   - every other chunk is decoder layers only.
 
+Layers per stage: even by default (num_layers a multiple of the stage count), or an explicit
+`layers_per_stage` list for uneven models (61 layers + MTP over 32 stages), e.g. fewer on
+the first and last stages, which also hold the embedding and the head.
+
 Megatron numbers a layer `layer_number + offset`, the offset from its pipeline rank and
-`pipeline_model_parallel_size`; that gives stage r's offset, never stage 2P-1-r's. Each
-layer here is built with its global number instead (`_StageTransformerLayer`), so routers
+`pipeline_model_parallel_size`; that gives stage r's offset only for a one-chunk 1F1B layout.
+Each layer here is built with its global number instead (`_StageTransformerLayer`), so routers
 (aux-loss tracker, bias update) and the final-norm placement see the numbers of the
 single-process model.
 
 Initialisation equals the single-process model's: on every rank, with the caller's RNG
-state, `dualpipev_chunks` first builds the whole single-process model (`specs.gpt_model`
-with Megatron's pipeline rank/size read as 0/1 while it is built), then copies each chunk's
+state, the builder first builds the whole single-process model (`specs.gpt_model` with
+Megatron's pipeline rank/size read as 0/1 while it is built), then copies each chunk's
 parameters and buffers from it by name (`decoder.layers.{i}` -> `decoder.layers.{offset+i}`),
 and drops it; the RNG is left as building the single-process model leaves it. Seed every
 rank as the single-process run is seeded before calling.
-Only even layouts for now: num_layers must be a multiple of 2P.
 """
 
 from __future__ import annotations
@@ -49,15 +57,30 @@ class _StageTransformerLayer(TransformerLayer):
         super().__init__(config, submodules, layer_number + stage_offset, add_layer_offset=False, **kwargs)
 
 
-def stage_layers(num_layers: int, num_stages: int, stage: int) -> range:
-    """Indices (0-based, global) of the decoder layers of `stage` in an even split."""
-    if num_layers % num_stages:
+def stage_layers(num_layers: int, num_stages: int, stage: int, layers_per_stage=None) -> range:
+    """Indices (0-based, global) of the decoder layers of `stage`: an even split, or the
+    explicit `layers_per_stage` (one count per stage, summing to num_layers)."""
+    counts = check_layers_per_stage(num_layers, num_stages, layers_per_stage)
+    return range(sum(counts[:stage]), sum(counts[: stage + 1]))
+
+
+def check_layers_per_stage(num_layers: int, num_stages: int, layers_per_stage=None) -> list[int]:
+    """The layer count of every stage; raises ValueError, naming the fix, on an impossible layout."""
+    if layers_per_stage is None:
+        if num_layers % num_stages:
+            raise ValueError(
+                f"num_layers={num_layers} does not divide into {num_stages} pipeline stages (2P for DualPipeV, P for "
+                f"DualPipe). Fix: make num_layers a multiple of {num_stages}, or pass layers_per_stage (one count per stage)."
+            )
+        return [num_layers // num_stages] * num_stages
+    counts = list(layers_per_stage)
+    if len(counts) != num_stages or sum(counts) != num_layers or min(counts) < 1:
         raise ValueError(
-            f"num_layers={num_layers} does not divide into {num_stages} pipeline stages (2P for DualPipeV): "
-            f"uneven layouts are not supported yet. Fix: make num_layers a multiple of {num_stages}."
+            f"layers_per_stage={counts}: needs {num_stages} counts (one per pipeline stage), each >= 1, summing to "
+            f"num_layers={num_layers}; got {len(counts)} counts summing to {sum(counts)}. Fix: list one count "
+            "per stage (stage 0 first)."
         )
-    per_stage = num_layers // num_stages
-    return range(stage * per_stage, (stage + 1) * per_stage)
+    return counts
 
 
 def _stage_block_spec(full_block: TransformerBlockSubmodules, layers: range) -> TransformerBlockSubmodules:
@@ -90,12 +113,13 @@ class _AsSingleProcess:
 
 
 def dualpipev_embedding_ranks(pp_ranks: list[int]) -> list[int]:
-    """Megatron's embedding group for DualPipeV: pipeline rank 0 alone.
+    """Megatron's embedding group for DualPipe and DualPipeV: pipeline rank 0 alone.
 
     Megatron's default pairs the first and last pipeline ranks to keep a duplicated
     embedding in sync (an all-reduce when a stage is built, another in finalize_model_grads).
-    DualPipeV has no duplicate: the embedding is on rank 0 only (the module note). Pass as
-    `initialize_model_parallel(..., get_embedding_ranks=dualpipev_embedding_ranks)`."""
+    Here the embedding is shared within a rank (the module note), and DualPipe's mirrored
+    copy is summed by the executor with every other mirrored parameter: no all-reduce to do.
+    Pass as `initialize_model_parallel(..., get_embedding_ranks=dualpipev_embedding_ranks)`."""
     return [pp_ranks[0]]
 
 
@@ -108,16 +132,16 @@ def _without_embedding_group() -> ProcessGroupCollection:
     return groups
 
 
-def _stage_chunk(config, full_block: TransformerBlockSubmodules, stage: int, num_stages: int) -> GPTModel:
-    """Stage `stage` of `num_stages` as a GPTModel (MTP not attached yet)."""
+def _stage_chunk(config, full_block: TransformerBlockSubmodules, stage: int, num_stages: int, layers: range) -> GPTModel:
+    """Stage `stage` of `num_stages`, holding decoder `layers`, as a GPTModel (MTP not attached yet)."""
     return GPTModel(
         config=config,
-        transformer_layer_spec=_stage_block_spec(full_block, stage_layers(config.num_layers, num_stages, stage)),
+        transformer_layer_spec=_stage_block_spec(full_block, layers),
         vocab_size=config.vocab_size,
         max_sequence_length=config.seq_length,
         pre_process=stage == 0,
         post_process=stage == num_stages - 1,
-        share_embeddings_and_output_weights=config.share_embeddings_and_output_weights,
+        share_embeddings_and_output_weights=False,  # rejected in _two_chunks when the config ties them
         position_embedding_type="rope",  # as specs.gpt_model: MLA applies its own RoPE
         mtp_block_spec=None,  # Megatron would put MTP on the last pipeline rank; it goes with the head
         pg_collection=_without_embedding_group(),
@@ -144,12 +168,32 @@ def _copy_from_full(chunk: GPTModel, full: GPTModel, layer_offset: int) -> None:
             tensor.copy_(source[full_name])
 
 
-def dualpipev_chunks(config, pp_rank: int, pp_size: int) -> list[GPTModel]:
-    """Rank `pp_rank`'s two DualPipeV chunks: [stage pp_rank, stage 2P-1-pp_rank] of 2P stages.
+def dualpipev_chunks(config, pp_rank: int, pp_size: int, layers_per_stage=None) -> list[GPTModel]:
+    """Rank `pp_rank`'s two DualPipeV chunks: [stage pp_rank, stage 2P-1-pp_rank] of 2P stages."""
+    return _two_chunks(config, pp_rank, pp_size, (pp_rank, 2 * pp_size - 1 - pp_rank), 2 * pp_size, layers_per_stage)
 
-    Call after seeding as the single-process run is seeded (see the module note); the
-    chunks' initial values equal that model's. `config.pipeline_model_parallel_size` must
-    be `pp_size` (Megatron's pipeline group is what the executor communicates over)."""
+
+def dualpipe_chunks(config, pp_rank: int, pp_size: int, layers_per_stage=None) -> list[GPTModel]:
+    """Rank `pp_rank`'s two DualPipe chunks: [stage pp_rank of direction 0, stage P-1-pp_rank of
+    direction 1] of P stages; rank P-1-pp_rank holds their mirrors."""
+    if pp_size % 2:
+        raise ValueError(f"pp_size={pp_size}: DualPipe needs an even pipeline size (two directions meet in the middle). Fix: use an even pipeline_model_parallel_size, or DualPipeV.")
+    return _two_chunks(config, pp_rank, pp_size, (pp_rank, pp_size - 1 - pp_rank), pp_size, layers_per_stage)
+
+
+def chunk_stages(schedule: str, pp_rank: int, pp_size: int) -> tuple[tuple[int, int], int]:
+    """((stage of chunk 0, stage of chunk 1), number of stages) of a rank under `schedule`."""
+    if schedule == "dualpipev":
+        return (pp_rank, 2 * pp_size - 1 - pp_rank), 2 * pp_size
+    if schedule == "dualpipe":
+        return (pp_rank, pp_size - 1 - pp_rank), pp_size
+    raise ValueError(f"schedule={schedule!r}: two-chunk layouts exist for 'dualpipe' and 'dualpipev'.")
+
+
+def _two_chunks(config, pp_rank: int, pp_size: int, stages: tuple[int, int], num_stages: int, layers_per_stage) -> list[GPTModel]:
+    """The chunks holding `stages` (see the module note). Call after seeding as the
+    single-process run is seeded; `config.pipeline_model_parallel_size` must be `pp_size`
+    (Megatron's pipeline group is what the executor communicates over)."""
     if pp_size < 1 or not 0 <= pp_rank < pp_size:
         raise ValueError(f"pp_rank={pp_rank}, pp_size={pp_size}: need pp_size >= 1 and 0 <= pp_rank < pp_size")
     if config.pipeline_model_parallel_size != pp_size:
@@ -157,10 +201,12 @@ def dualpipev_chunks(config, pp_rank: int, pp_size: int) -> list[GPTModel]:
             f"config.pipeline_model_parallel_size={config.pipeline_model_parallel_size} but pp_size={pp_size}. "
             "Fix: build the config with pipeline_model_parallel_size=pp_size."
         )
-    num_stages = 2 * pp_size
-    stages = (pp_rank, num_stages - 1 - pp_rank)
-    for stage in stages:
-        stage_layers(config.num_layers, num_stages, stage)  # raises on an uneven split
+    if config.share_embeddings_and_output_weights:
+        raise ValueError(
+            "share_embeddings_and_output_weights=True: the two-chunk layouts keep the output head apart from the "
+            "embedding (DeepSeek-V3 unties them). Fix: set share_embeddings_and_output_weights=False."
+        )
+    layers = [stage_layers(config.num_layers, num_stages, stage, layers_per_stage) for stage in stages]
 
     single = dataclasses.replace(config, pipeline_model_parallel_size=1)
     with _AsSingleProcess():
@@ -168,17 +214,18 @@ def dualpipev_chunks(config, pp_rank: int, pp_size: int) -> list[GPTModel]:
         full_block = specs.decoder_block_spec(single)
     rng_after_full_model = torch.get_rng_state()  # the single-process run's state after building
 
-    chunks = [_stage_chunk(config, full_block, stage, num_stages) for stage in stages]
-    if pp_rank == 0 and config.mtp_num_layers:
-        head = chunks[1]
-        with _AsSingleProcess():  # Megatron sizes the MTP block by "is this the last pipeline rank"
-            head.mtp = MultiTokenPredictionBlock(config=config, spec=specs.mtp_block_spec(config), pg_collection=head.pg_collection)
-        head.mtp_process = True
-        # Shared, not registered: chunk 0 owns the embedding (module note).
-        object.__setattr__(head, "embedding", chunks[0].embedding)
-        # Used twice on one rank, as in the single-process model (Megatron marks it there).
-        chunks[0].embedding.word_embeddings.weight.zero_out_wgrad = True
-    for chunk, stage in zip(chunks, stages):
-        _copy_from_full(chunk, full, stage_layers(config.num_layers, num_stages, stage).start)
+    chunks = [_stage_chunk(config, full_block, stage, num_stages, stage_range) for stage, stage_range in zip(stages, layers)]
+    if set(stages) == {0, num_stages - 1}:  # first and last stage here: the head shares the embedding
+        first, last = (chunks[stages.index(0)], chunks[stages.index(num_stages - 1)])
+        if config.mtp_num_layers:
+            with _AsSingleProcess():  # Megatron sizes the MTP block by "is this the last pipeline rank"
+                last.mtp = MultiTokenPredictionBlock(config=config, spec=specs.mtp_block_spec(config), pg_collection=last.pg_collection)
+            last.mtp_process = True
+            # Shared, not registered: the first stage owns the embedding (module note).
+            object.__setattr__(last, "embedding", first.embedding)
+            # Used twice on one rank, as in the single-process model (Megatron marks it there).
+            first.embedding.word_embeddings.weight.zero_out_wgrad = True
+    for chunk, stage_range in zip(chunks, layers):
+        _copy_from_full(chunk, full, stage_range.start)
     torch.set_rng_state(rng_after_full_model)
     return chunks

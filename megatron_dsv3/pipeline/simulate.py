@@ -80,11 +80,12 @@ class TimedAction:
 
 @dataclass(frozen=True)
 class Timeline:
-    """What `simulate` returns: every action of every rank with its start and end."""
+    """Every action of every rank with its start and end: replayed by `simulate` (with its
+    costs), or recorded by a real run (`dualpipe.record_timeline`, seconds, costs None)."""
 
     records: tuple[TimedAction, ...]  # by rank, each rank's in its order
     placement: Placement
-    costs: Costs
+    costs: Costs | None
 
     def of_rank(self, rank: int) -> list[TimedAction]:
         return [record for record in self.records if record.rank == rank]
@@ -236,13 +237,14 @@ def simulate_schedule(spec: ScheduleSpec, num_ranks: int, num_microbatches: int,
 
 # ----------------------------------------------------------------------------- plot
 
-_COLORS = {"F": "#f2a93b", "B": "#a8e07a", "W": "#6fb7f0", "BW": "#5cc94a"}
+_COLORS = {"F": "#f2a93b", "B": "#a8e07a", "W": "#6fb7f0", "BW": "#5cc94a", "FB": "#c9a0dc"}
 
 
 def plot_timeline(timeline: Timeline, path, title: str = "") -> None:
     """A PNG like PAPER.md's Figure 5: one row per rank, a box per action with its
     micro-batch inside (white for chunk 1, black for chunk 0); an FB is a forward box and a
-    full-backward box inside one black frame."""
+    full-backward box inside one black frame, split by the costs (a recorded timeline has
+    none: one F&B box labelled "forward/backward" micro-batch)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -251,11 +253,15 @@ def plot_timeline(timeline: Timeline, path, title: str = "") -> None:
 
     num_ranks = timeline.placement.num_ranks
     makespan = timeline.makespan()
-    figure, axes = plt.subplots(figsize=(min(max(8.0, makespan * 0.18), 40.0), 0.5 * num_ranks + 1.2))
+    width = min(max(8.0, len(timeline.records) / num_ranks * 0.25), 40.0)
+    figure, axes = plt.subplots(figsize=(width, 0.5 * num_ranks + 1.2))
     costs = timeline.costs
     for record in timeline.records:
         y = num_ranks - 1 - record.rank
-        if record.action.kind == "FB":
+        if record.action.kind == "FB" and costs is None:
+            label = f"{record.action.microbatch}/{record.action.backward_microbatch}"
+            parts = [("FB", record.start, record.end, record.action.chunk, label)]
+        elif record.action.kind == "FB":
             split = record.start + (record.end - record.start) * costs.F / (costs.F + costs.B)
             parts = [("F", record.start, split, record.action.chunk, record.action.microbatch),
                      ("BW", split, record.end, record.action.backward_chunk, record.action.backward_microbatch)]
@@ -269,10 +275,12 @@ def plot_timeline(timeline: Timeline, path, title: str = "") -> None:
     axes.set_xlim(0, makespan)
     axes.set_ylim(0, num_ranks)
     axes.set_yticks([num_ranks - 0.5 - rank for rank in range(num_ranks)], [f"rank {rank}" for rank in range(num_ranks)])
-    axes.set_xlabel("time")
+    axes.set_xlabel("time" if costs is not None else "seconds")
     legend = {"F": "forward", "B": "backward for inputs", "W": "backward for weights", "BW": "full backward"}
+    if costs is None:
+        legend["FB"] = "forward & backward"
     axes.legend(handles=[Rectangle((0, 0), 1, 1, facecolor=_COLORS[k], label=v) for k, v in legend.items()],
-                loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=4, fontsize=7, frameon=False)
+                loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=len(legend), fontsize=7, frameon=False)
     axes.set_title(title or f"bubble {timeline.bubble():g}, makespan {timeline.makespan():g}", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -1,4 +1,4 @@
-"""install("dualpipev") makes Megatron's get_forward_backward_func pick DualPipeV when P > 1."""
+"""install("dualpipev" | "dualpipe") makes Megatron's get_forward_backward_func pick ours when P > 1."""
 
 import argparse
 import sys
@@ -10,7 +10,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import schedules
 
 from megatron_dsv3.pipeline import install as installer
-from megatron_dsv3.pipeline.dualpipe import forward_backward_dualpipev
+from megatron_dsv3.pipeline.dualpipe import forward_backward_dualpipe, forward_backward_dualpipev
 
 MEGATRON_FUNC = schedules.get_forward_backward_func
 
@@ -29,13 +29,14 @@ def _chosen():
     return [pipeline_parallel.get_forward_backward_func(), schedules.get_forward_backward_func()]
 
 
-def test_install_picks_dualpipev_only_for_pipelines_and_uninstall_restores(pipeline_size):
+@pytest.mark.parametrize("name, executor", [("dualpipev", forward_backward_dualpipev), ("dualpipe", forward_backward_dualpipe)])
+def test_install_picks_ours_only_for_pipelines_and_uninstall_restores(pipeline_size, name, executor):
     pipeline_size["pp"] = 2
     assert _chosen() == [schedules.forward_backward_pipelining_without_interleaving] * 2
-    installer.install("dualpipev")
-    installer.install("dualpipev")  # idempotent
-    assert _chosen() == [forward_backward_dualpipev] * 2
-    assert schedules.get_forward_backward_func(pp_size=4, vp_size=None) is forward_backward_dualpipev
+    installer.install(name)
+    installer.install(name)  # idempotent
+    assert _chosen() == [executor] * 2
+    assert schedules.get_forward_backward_func(pp_size=4, vp_size=None) is executor
     pipeline_size["pp"] = 1
     assert _chosen() == [schedules.forward_backward_no_pipelining] * 2
     installer.uninstall()
@@ -46,8 +47,8 @@ def test_install_picks_dualpipev_only_for_pipelines_and_uninstall_restores(pipel
 
 
 def test_unknown_schedules_and_virtual_pipelines_are_rejected(pipeline_size):
-    for schedule in ("dualpipe", "default", "1f1b"):
-        with pytest.raises(ValueError, match=r"allowed: \('dualpipev',\)"):
+    for schedule in ("DualPipeV", "default", "1f1b"):
+        with pytest.raises(ValueError, match=r"allowed: \('dualpipev', 'dualpipe'\)"):
             installer.install(schedule)
     assert schedules.get_forward_backward_func is MEGATRON_FUNC
     installer.install("dualpipev")
@@ -75,5 +76,6 @@ def test_pipeline_schedule_argument():
     parser = installer.add_pipeline_schedule_args(argparse.ArgumentParser())
     assert parser.parse_args([]).pipeline_schedule == "default"
     assert parser.parse_args(["--pipeline-schedule", "dualpipev"]).pipeline_schedule == "dualpipev"
+    assert parser.parse_args(["--pipeline-schedule", "dualpipe"]).pipeline_schedule == "dualpipe"
     with pytest.raises(SystemExit):
-        parser.parse_args(["--pipeline-schedule", "dualpipe"])
+        parser.parse_args(["--pipeline-schedule", "1f1b"])

@@ -1,0 +1,300 @@
+"""DualPipeV and DualPipe on P gloo processes equal the single-process model on the same data.
+
+The tiny preset (MLA + MoE + MTP) cut into stages (2P for DualPipeV, P per direction for
+DualPipe; even, or an explicit uneven layout) runs two training steps (no optimizer) through
+`forward_backward_dualpipev` / `forward_backward_dualpipe` (P processes, Megatron pipeline
+group of P) and through the no-pipelining schedule (one process); then one forward-only step
+on new data. Compared: the loss dict of every micro-batch, every parameter's gradient after
+the second finalize, the expert biases after each update, and the forward-only losses.
+The first step also records its timeline: the actions each rank ran are its order.
+
+DualPipeV: bit-identical except one tensor, the word embedding's gradient. Its embedding is shared by
+the decoder input (rank 0, chunk 0) and the MTP block (rank 0, chunk 1); the single process
+sums the two contributions inside one backward, then adds the sum to the micro-batch
+accumulator, while DualPipeV runs the two backwards at different times and adds them one at
+a time (in an order the schedule interleaves across micro-batches). Same terms, another
+order of fp32 additions: bounded at 1e-6 relative to the gradient's largest entry.
+The order's B actions defer their linears' weight gradients to its W actions
+(pipeline/weight_grad.py); those reach main_grad once per micro-batch, in micro-batch order,
+as in the single process, so they are among the bit-identical ones.
+
+DualPipe: each stage is on two ranks (mirrors), one per direction; each copy accumulates the
+gradient of its direction's M/2 micro-batches, and the executor adds the two sums. The single
+process adds the M micro-batches one by one: same terms, another order of fp32 additions, so
+every gradient is bounded at 1e-6 relative to its largest entry, and the two mirrors are
+bit-identical to each other (a + b on both sides). Expert biases are updated from integer
+token counts: bit-identical.
+"""
+
+import contextlib
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+SEQ, MICRO_BATCH = 32, 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _batches(seed: int, vocab_size: int):
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        tokens = torch.randint(0, vocab_size, (MICRO_BATCH, SEQ), generator=generator)
+        yield {"tokens": tokens, "labels": torch.roll(tokens, -1, 1), "loss_mask": torch.ones(MICRO_BATCH, SEQ),
+               "position_ids": torch.arange(SEQ).expand(MICRO_BATCH, SEQ)}
+
+
+def _run_step(schedule, config, chunks, layer_offsets, num_microbatches: int, recorder=None) -> dict:
+    """Two training steps (no optimizer: the second step's gradients and the biases updated
+twice are compared), then one forward-only step on other data. The first step is recorded
+into `recorder`'s timeline when one is given."""
+    from megatron_dsv3.pipeline.dualpipe import record_timeline
+    from megatron_dsv3.routing import finalize_model_grads_with_load
+    from megatron_dsv3.training.loop import forward_step
+
+    config.no_sync_func = [chunk.no_sync for chunk in chunks] if len(chunks) > 1 else chunks[0].no_sync
+    config.finalize_model_grads_func = finalize_model_grads_with_load
+    common = dict(forward_step_func=forward_step, model=chunks, num_microbatches=num_microbatches,
+                  seq_length=SEQ, micro_batch_size=MICRO_BATCH)
+    data = _batches(1, config.vocab_size)
+    losses, biases, timeline = [], [], None
+    for step in range(2):  # the second step is the one where DDP's overlapped sync follows no_sync
+        for chunk in chunks:
+            chunk.zero_grad_buffer()
+        with record_timeline() if recorder and step == 0 else contextlib.nullcontext() as recorded:
+            losses += schedule(data_iterator=data, **common)
+        if recorded is not None:
+            timeline = recorded.timeline(recorder)
+        biases.append({n: b.clone() for n, b in _named_expert_biases(chunks, layer_offsets)})
+    with torch.no_grad():
+        eval_losses = schedule(data_iterator=_batches(2, config.vocab_size), forward_only=True, **common)
+    return {"losses": losses, "eval_losses": eval_losses, "biases": biases, "timeline": timeline}
+
+
+def _named_expert_biases(chunks, layer_offsets):
+    """(single-process name, expert bias) of every router in `chunks`."""
+    from megatron_dsv3.pipeline.layout import full_model_name
+
+    for chunk, offset in zip(chunks, layer_offsets):
+        for n, b in chunk.module.named_buffers():
+            if n.endswith("expert_bias"):
+                yield full_model_name(n, offset), b
+
+
+def _config(num_layers: int, pp_size: int):
+    from megatron_dsv3.config import preset
+
+    if pp_size == 1:
+        return preset("tiny", num_layers=num_layers, seq_length=SEQ)
+    return preset("tiny", num_layers=num_layers, seq_length=SEQ, pipeline_model_parallel_size=pp_size, pipeline_dtype=torch.float32)
+
+
+def _reference_main(rank: int, port: int, num_layers: int, num_microbatches: int, overlap: bool, out: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from megatron_dsv3 import cpu
+    from megatron_dsv3.pipeline.no_pipelining import forward_backward_no_pipelining
+    from megatron_dsv3.specs import gpt_model
+    from megatron_dsv3.training.loop import init_distributed, seed_everything
+
+    init_distributed()
+    config = _config(num_layers, 1)
+    cpu.enable(config)
+    seed_everything(0)
+    model = DistributedDataParallel(config, DistributedDataParallelConfig(overlap_grad_reduce=overlap), gpt_model(config))
+    result = _run_step(forward_backward_no_pipelining, config, [model], [0], num_microbatches)
+    result["grads"] = {n: p.main_grad.clone() for n, p in model.module.named_parameters()}
+    torch.save(result, out)
+    torch.distributed.destroy_process_group()
+
+
+def _backward_first(calls: list):
+    """An `overlapped_forward_backward` that runs the backward before the forward (the two are
+    independent micro-batches, so any interleaving must give the same numbers)."""
+    from megatron.core.pipeline_parallel.schedules import backward_step, forward_step
+
+    def overlapped_forward_backward(*, f_model, b_model, b_input_tensor, b_output_tensor, b_output_tensor_grad, config,
+                                    current_microbatch, **forward_inputs):
+        calls.append(current_microbatch)
+        input_gradient = backward_step(b_input_tensor, b_output_tensor, b_output_tensor_grad, config)
+        output, num_tokens = forward_step(model=f_model, config=config, current_microbatch=current_microbatch, **forward_inputs)
+        return output, num_tokens, input_gradient
+
+    return overlapped_forward_backward
+
+
+def _pipeline_main(rank: int, port: int, schedule_name: str, pp_size: int, num_layers: int, num_microbatches: int, overlap: bool,
+                   layers_per_stage, out_dir: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(pp_size))
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from megatron_dsv3 import cpu
+    from megatron_dsv3.pipeline import layout
+    from megatron_dsv3.pipeline.install import EXECUTORS
+    from megatron_dsv3.training.loop import seed_everything
+
+    torch.distributed.init_process_group("gloo")
+    parallel_state.initialize_model_parallel(pipeline_model_parallel_size=pp_size, get_embedding_ranks=layout.dualpipev_embedding_ranks)
+    config = _config(num_layers, pp_size)
+    cpu.enable(config)
+    seed_everything(0)
+    build = layout.dualpipev_chunks if schedule_name == "dualpipev" else layout.dualpipe_chunks
+    chunks = [DistributedDataParallel(config, DistributedDataParallelConfig(overlap_grad_reduce=overlap), chunk)
+              for chunk in build(config, rank, pp_size, layers_per_stage)]
+    overlap_calls = []
+    if schedule_name == "dualpipe":  # FB actions through a chunk's own hook
+        for chunk in chunks:
+            chunk.module.overlapped_forward_backward = _backward_first(overlap_calls)
+    stages, num_stages = layout.chunk_stages(schedule_name, rank, pp_size)
+    offsets = [layout.stage_layers(num_layers, num_stages, stage, layers_per_stage).start for stage in stages]
+    result = _run_step(EXECUTORS[schedule_name], config, chunks, offsets, num_microbatches,
+                       recorder=parallel_state.get_pipeline_model_parallel_group())
+    result["grads"] = {layout.full_model_name(n, offset): p.main_grad.clone()
+                       for chunk, offset in zip(chunks, offsets) for n, p in chunk.module.named_parameters()}
+    result["overlap_calls"] = overlap_calls
+    if rank == 0:
+        from megatron_dsv3.pipeline.simulate import plot_timeline
+
+        plot_timeline(result["timeline"], os.path.join(out_dir, "timeline.png"))
+    result["timeline"] = [(r.rank, str(r.action), r.start, r.end) for r in result["timeline"].records]
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def _gathered(pp_size: int, out_dir: str) -> list[dict]:
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(pp_size)]
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
+
+
+# P = 1: the V turns on the rank that computes the loss. overlap_grad_reduce: DDP then syncs
+# a chunk's gradients only when its last backward runs outside no_sync.
+@pytest.mark.parametrize(
+    "schedule_name, pp_size, num_layers, num_microbatches, overlap, layers_per_stage",
+    [
+        ("dualpipev", 1, 2, 3, True, None),
+        ("dualpipev", 2, 6, 8, True, [1, 2, 2, 1]),
+        ("dualpipe", 2, 4, 12, True, None),
+        pytest.param("dualpipev", 4, 8, 12, False, None, marks=pytest.mark.slow),
+        pytest.param("dualpipe", 4, 6, 8, False, [1, 2, 2, 1], marks=pytest.mark.slow),
+    ],
+)
+def test_matches_single_process(tmp_path, schedule_name, pp_size, num_layers, num_microbatches, overlap, layers_per_stage):
+    from megatron_dsv3.pipeline.install import EXECUTORS
+    from megatron_dsv3.pipeline.schedule import dualpipe_order, dualpipev_order
+
+    mp.spawn(_reference_main, args=(_free_port(), num_layers, num_microbatches, overlap, str(tmp_path / "ref.pt")), nprocs=1, join=True)
+    mp.spawn(_pipeline_main, args=(_free_port(), schedule_name, pp_size, num_layers, num_microbatches, overlap, layers_per_stage, str(tmp_path)),
+             nprocs=pp_size, join=True)
+    reference = torch.load(tmp_path / "ref.pt", weights_only=True)
+    ranks = _gathered(pp_size, str(tmp_path))
+    mirrored = schedule_name == "dualpipe"
+
+    # Loss dicts: on Megatron's last pipeline stage (rank P-1) only, one per micro-batch.
+    for rank in range(pp_size - 1):
+        assert ranks[rank]["losses"] == [] and ranks[rank]["eval_losses"] == []
+    for key in ("losses", "eval_losses"):
+        got, want = ranks[-1][key], reference[key]
+        assert len(got) == len(want) == num_microbatches * (2 if key == "losses" else 1)
+        for g, w in zip(got, want):
+            assert g.keys() == w.keys() and all(torch.equal(g[k], w[k]) for k in w)
+
+    grads = {}
+    for result in ranks:
+        for name, grad in result["grads"].items():
+            if name in grads:  # a mirror (DualPipe only): the other copy of the same stage
+                assert mirrored and torch.equal(grads[name], grad), name
+            grads[name] = grad
+    assert grads.keys() == reference["grads"].keys()
+    differing = {n: _relative(grads[n], reference["grads"][n]) for n in grads if not torch.equal(grads[n], reference["grads"][n])}
+    print(f"{schedule_name} P={pp_size}: {len(grads) - len(differing)}/{len(grads)} gradients bit-identical; "
+          f"largest relative difference {max(differing.values(), default=0):.2e}")
+    if not mirrored:
+        assert set(differing) <= {"embedding.word_embeddings.weight"}
+    assert all(d <= 1e-6 for d in differing.values())
+
+    for step in range(2):
+        biases = {}
+        for result in ranks:
+            for n, b in result["biases"][step].items():
+                assert n not in biases or torch.equal(biases[n], b)  # mirrors agree
+                biases[n] = b
+        assert biases.keys() == reference["biases"][step].keys() and biases
+        for n, b in biases.items():
+            assert torch.equal(b, reference["biases"][step][n]), (step, n)
+            if step == 0:
+                assert not torch.equal(b, torch.zeros_like(b))  # the update really happened
+
+    # The recorded timeline: every rank ran exactly its order, each action after the previous.
+    order = (dualpipev_order if schedule_name == "dualpipev" else dualpipe_order)(pp_size, num_microbatches)
+    timeline = ranks[0]["timeline"]
+    assert all(result["timeline"] == timeline for result in ranks)  # gathered on every rank
+    for rank in range(pp_size):
+        records = [r for r in timeline if r[0] == rank]
+        assert [r[1] for r in records] == [str(a) for a in order[rank]]
+        assert all(start <= end for _, _, start, end in records)
+        assert all(a[3] <= b[2] for a, b in zip(records, records[1:]))
+    assert (tmp_path / "timeline.png").stat().st_size > 0
+    if mirrored:  # the FB actions of both steps went through the chunks' own hook
+        for rank, result in enumerate(ranks):
+            fb = [a for a in order[rank] if a.kind == "FB"]
+            assert fb and result["overlap_calls"] == [a.microbatch for a in fb] * 2
+
+
+def _invalid_main(rank: int, port: int, out_dir: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    from megatron.core import parallel_state
+
+    from megatron_dsv3.pipeline.dualpipe import forward_backward_dualpipe, forward_backward_dualpipev
+
+    torch.distributed.init_process_group("gloo")
+    parallel_state.initialize_model_parallel(pipeline_model_parallel_size=2)
+    common = dict(forward_step_func=None, data_iterator=None, seq_length=SEQ, micro_batch_size=MICRO_BATCH)
+    chunk = torch.nn.Linear(2, 2)
+    messages = []
+    # Megatron's default embedding group (ranks 0 and P-1) is the third.
+    for executor, model, num_microbatches in (
+        (forward_backward_dualpipev, [chunk], 8),
+        (forward_backward_dualpipev, [chunk, chunk], 2),
+        (forward_backward_dualpipev, [chunk, chunk], 8),
+        (forward_backward_dualpipe, [chunk, chunk], 7),
+    ):
+        with pytest.raises(ValueError) as error:
+            executor(model=model, num_microbatches=num_microbatches, **common)
+        messages.append(str(error.value))
+    torch.save(messages, os.path.join(out_dir, f"invalid{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_invalid_setups_raise_before_communicating(tmp_path):
+    mp.spawn(_invalid_main, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    one_chunk, too_few, embedding_pair, odd = torch.load(tmp_path / "invalid0.pt")
+    assert "model has 1 chunks" in one_chunk and "dualpipev_chunks" in one_chunk
+    assert "num_microbatches >= 2 * num_ranks - 1" in too_few and "num_microbatches=2, num_ranks=2" in too_few
+    assert "embedding group has 2 ranks" in embedding_pair and "dualpipev_embedding_ranks" in embedding_pair
+    assert "DualPipe needs an even number of micro-batches" in odd and "num_microbatches=7" in odd
+
+
+def test_layouts_reject_impossible_layer_counts():
+    from megatron_dsv3.config import preset
+    from megatron_dsv3.pipeline.layout import dualpipe_chunks, stage_layers
+
+    with pytest.raises(ValueError, match=r"num_layers=6 does not divide into 4 .* pass layers_per_stage"):
+        stage_layers(6, 4, 0)
+    with pytest.raises(ValueError, match=r"layers_per_stage=\[1, 2, 2\]: needs 4 counts .* summing to num_layers=6"):
+        stage_layers(6, 4, 0, [1, 2, 2])
+    with pytest.raises(ValueError, match=r"layers_per_stage=\[0, 3, 2, 1\]: .* each >= 1"):
+        stage_layers(6, 4, 0, [0, 3, 2, 1])
+    with pytest.raises(ValueError, match=r"pp_size=3: DualPipe needs an even pipeline size"):
+        dualpipe_chunks(preset("tiny", pipeline_model_parallel_size=3, pipeline_dtype=torch.float32), 0, 3)
