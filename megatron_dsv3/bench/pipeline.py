@@ -13,7 +13,12 @@ Costs are those of one stage: F forward, B full backward, W backward for weights
 forward and a full backward overlapped. `formula_holds` says whether the costs are where
 the formula is exact (simulate.py's docstring); `agree` whether the replay gives it.
 
-The last line of output is one JSON object (see `run`).
+With --peers it also measures, on P gloo processes of this host, the step time of our
+DualPipeV executor, torch.distributed.pipelining's ScheduleDualPipeV and its Schedule1F1B
+on the same model, weights and data (pipeline_peers.py), and their first-step losses.
+
+The last line of output is one JSON object (see `run`; with --peers it has a "peers" key,
+see `pipeline_peers.run_peers`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import json
 import math
 import sys
 
+from megatron_dsv3.bench.pipeline_peers import PeersSetup, format_peers, run_peers
 from megatron_dsv3.pipeline.simulate import SCHEDULES, Costs, simulate_schedule
 
 DEFAULT_PP = (4, 8, 16)
@@ -105,22 +111,35 @@ def format_table(result: dict) -> str:
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("pipeline", help="simulated bubble and activations of 1F1B, ZB1P, DualPipe, DualPipeV")
+    parser = subparsers.add_parser("pipeline", help="simulated bubble and activations of 1F1B, ZB1P, DualPipe, DualPipeV; --peers: measured step times")
     parser.add_argument("--F", type=float, default=1.0, help="forward time of one stage")
     parser.add_argument("--B", type=float, default=2.0, help="full backward time (input and weight gradients)")
     parser.add_argument("--W", type=float, default=1.0, help="backward-for-weights time")
     parser.add_argument("--FB", type=float, default=2.5, help="time of one forward and one full backward overlapped (F&B)")
     parser.add_argument("--pp", type=int, nargs="+", default=list(DEFAULT_PP), help="pipeline ranks P (default: 4 8 16)")
     parser.add_argument("--microbatches", type=int, help="micro-batches per global batch (default: 4P)")
+    peers = parser.add_argument_group("measured (--peers): ours and torch's DualPipeV, torch's 1F1B, on P CPU processes")
+    peers.add_argument("--peers", action="store_true", help="also measure the step time of the three schedules")
+    peers.add_argument("--peers-pp", type=int, default=2, help="pipeline ranks P, one process each (default: 2)")
+    peers.add_argument("--peers-microbatches", type=int, help="micro-batches per global batch (default: 4P)")
+    peers.add_argument("--peers-warmup", type=int, default=2, help="untimed rounds (one step of each schedule) first (default: 2)")
+    peers.add_argument("--peers-steps", type=int, default=5, help="timed steps of each schedule (default: 5)")
     parser.set_defaults(main=main)
 
 
 def main(args: argparse.Namespace) -> int:
     try:
         result = run(Costs(F=args.F, B=args.B, W=args.W, FB=args.FB), pps=args.pp, microbatches=args.microbatches)
+        peers = PeersSetup(
+            num_ranks=args.peers_pp, num_microbatches=args.peers_microbatches or default_microbatches(args.peers_pp),
+            warmup_steps=args.peers_warmup, timed_steps=args.peers_steps,
+        ) if args.peers else None
     except ValueError as error:
         print(f"pipeline: {error}", file=sys.stderr)
         return 2
     print(format_table(result))
+    if peers is not None:
+        result["peers"] = run_peers(peers)
+        print(format_peers(result["peers"]))
     print(json.dumps(result))
     return 0

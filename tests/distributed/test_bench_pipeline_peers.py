@@ -1,0 +1,50 @@
+"""`python -m megatron_dsv3.bench pipeline --peers` at P = 2: the measured JSON and the adapters.
+
+Our DualPipeV executor, torch's ScheduleDualPipeV and torch's Schedule1F1B run the same
+weights on the same micro-batches, so their first-step losses and gradient norms must agree:
+an independent check of the torch stage adapters (bench/pipeline_peers.py) and of the
+gradient scaling each side applies. The times only have to be positive here.
+"""
+
+import argparse
+import json
+
+import pytest
+
+from megatron_dsv3.bench import pipeline as bench_pipeline
+from megatron_dsv3.bench.pipeline_peers import SCHEDULE_NAMES
+
+
+@pytest.mark.slow
+def test_peers_measure_three_schedules_that_compute_the_same_model(capfd, monkeypatch):
+    # Skip Megatron's torch.compile of its fused functions in the spawned processes (seconds of
+    # the warm-up round on CPU); nothing checked here depends on it.
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
+    parser = argparse.ArgumentParser()
+    bench_pipeline.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["pipeline", "--pp", "4", "--peers", "--peers-pp", "2", "--peers-warmup", "1", "--peers-steps", "2"])
+    assert args.main(args) == 0
+
+    lines = capfd.readouterr().out.strip().splitlines()  # the spawned processes' progress lines too
+    assert any(line.startswith("peers: round 3/3 (timed) torch_1f1b") for line in lines)
+    result = json.loads(lines[-1])
+    assert [row["P"] for row in result["rows"]] == [4] * len(result["rows"])  # the simulated part is still there
+    peers = result["peers"]
+    assert (peers["P"], peers["microbatches"], peers["num_layers"], peers["timed_steps"]) == (2, 8, 4, 2)
+    assert tuple(peers["schedules"]) == SCHEDULE_NAMES
+    ours = peers["schedules"]["ours_dualpipev"]
+    for name, row in peers["schedules"].items():
+        assert len(row["step_s"]) == 2 and all(t > 0 for t in row["step_s"]) and row["mean_step_s"] > 0, name
+        assert row["first_step_loss"] == pytest.approx(ours["first_step_loss"], rel=1e-5), name
+        assert row["loss_rel_diff_vs_ours"] <= 1e-5, name
+        # 1e-8: the MoE auxiliary loss's gradient scaled by 1/M twice (Megatron's and torch's) shows as ~4e-7
+        assert row["first_step_grad_norm"] == pytest.approx(ours["first_step_grad_norm"], rel=1e-8), name
+    assert 4 < ours["first_step_loss"] < 7  # about ln(257) = 5.55 at initialisation
+
+
+def test_peers_reject_a_set_up_with_the_rule(capsys):
+    parser = argparse.ArgumentParser()
+    bench_pipeline.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["pipeline", "--pp", "4", "--peers", "--peers-pp", "2", "--peers-microbatches", "3"])
+    assert args.main(args) == 2
+    assert "--peers-microbatches 4 or more" in capsys.readouterr().err
