@@ -13,9 +13,11 @@ setup(
         "matplotlib",
         "tqdm",
         "safetensors",  # HF checkpoints (megatron_dsv3.convert)
+        "psutil",  # megatron.core.dist_checkpointing's file writers need it
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]>=2.3"],
+        "tensorboard": ["tensorboard"],  # training metrics also as TensorBoard events
         # test-only references: HF transformers' DeepseekV3; modelopt's block FP8 quantiser
         # and HF importer (it imports requests and huggingface_hub without declaring them)
         "test": ["pytest>=8", "transformers>=5,<6", "nvidia-modelopt==0.47.0", "requests", "huggingface_hub"],

@@ -1,9 +1,11 @@
 """The explicit CPU compatibility layer (DESIGN.md, "Running Megatron-Core on CPU").
 
 Megatron-Core 0.19 trains a GPTModel with MLA + MoE + MTP on CPU with exactly these changes:
-  1. `torch.cuda.current_device` answers the CPU (Megatron allocates buffers on it), and
+  1. `torch.cuda.current_device` answers the CPU (Megatron allocates buffers on it),
      `torch.cuda.current_stream` answers a stream whose waits are no-ops (0.19.2's DDP
-     `start_grad_sync` waits on CUDA-graph events through it; on CPU there are none);
+     `start_grad_sync` waits on CUDA-graph events through it; on CPU there are none), and
+     `torch.cuda.synchronize` returns at once (dist_checkpointing's save calls it after
+     copying tensors to the host; on CPU there is nothing to wait for);
   2. an RNG tracker that needs no CUDA generator (instead of `model_parallel_cuda_manual_seed`);
   3. an SDPA core attention for MLA (`megatron_dsv3.attention`, chosen by `megatron_dsv3.specs`);
   4. the allgather token dispatcher (alltoall creates a CUDA stream in `__init__`).
@@ -55,6 +57,7 @@ def enable(config: DeepSeekV3Config | None = None) -> bool:
     if not _enabled:
         torch.cuda.current_device = lambda: torch.device("cpu")
         torch.cuda.current_stream = lambda device=None: _HOST_STREAM
+        torch.cuda.synchronize = lambda device=None: None
         tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
         _enabled = True
     return True

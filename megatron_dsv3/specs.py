@@ -163,6 +163,12 @@ def gpt_model(config, pre_process: bool = True, post_process: bool = True, vp_st
         vp_stage=vp_stage,
         pg_collection=pg_collection,
     )
+    return use_fp8_linears(model, config, backend)
+
+
+def use_fp8_linears(model: GPTModel, config, backend=None) -> GPTModel:
+    """With `config.fp8_blockwise` on the local backend, switch the transformer layers' linears
+    of a built model to block-scaled FP8 (`fp8.linear.convert_to_fp8_linears`); else as is."""
     if config.fp8_blockwise is not None and _backend(config, backend) == "local":
         from megatron_dsv3.fp8.linear import convert_to_fp8_linears
 

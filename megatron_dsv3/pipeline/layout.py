@@ -26,12 +26,15 @@ Each layer here is built with its global number instead (`_StageTransformerLayer
 (aux-loss tracker, bias update) and the final-norm placement see the numbers of the
 single-process model.
 
-Initialisation equals the single-process model's: on every rank, with the caller's RNG
-state, the builder first builds the whole single-process model (`specs.gpt_model` with
-Megatron's pipeline rank/size read as 0/1 while it is built), then copies each chunk's
+Initialisation. By default it equals the single-process model's: on every rank, with the
+caller's RNG state, the builder first builds the whole single-process model (`specs.gpt_model`
+with Megatron's pipeline rank/size read as 0/1 while it is built), then copies each chunk's
 parameters and buffers from it by name (`decoder.layers.{i}` -> `decoder.layers.{offset+i}`),
 and drops it; the RNG is left as building the single-process model leaves it. Seed every
-rank as the single-process run is seeded before calling.
+rank as the single-process run is seeded before calling. That needs the whole model in one
+rank's memory: for models that do not fit (671B), pass `init_as_single_process=False` and
+each chunk keeps the initialisation Megatron gives it (Megatron-LM's seeding), or load a
+checkpoint.
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionBlock
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
-from megatron.core.transformer.transformer_layer import TransformerLayer
+from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
+from megatron.core.utils import get_pg_rank
 
 from megatron_dsv3 import specs
 
@@ -55,6 +59,37 @@ class _StageTransformerLayer(TransformerLayer):
 
     def __init__(self, config, submodules, layer_number: int = 1, *, stage_offset: int, **kwargs):
         super().__init__(config, submodules, layer_number + stage_offset, add_layer_offset=False, **kwargs)
+
+
+class _StageGPTModel(GPTModel):
+    """A stage chunk whose decoder holds the global layers from `first_layer` (0-based).
+
+    Checkpoints (`sharded_state_dict`) differ from Megatron's stage in two ways:
+      - Megatron keys each layer's local entry `layers.{global - offset}` with the offset of a
+        one-chunk-per-rank layout (`get_transformer_layer_offset` of the pipeline rank); here
+        the module list starts at `first_layer`, so the local keys are renamed to match it
+        (the sharded keys, global numbers, are right as they are);
+      - the last stage's MTP block uses the first stage's embedding module on the same rank
+        (the module note), not a copy: Megatron's tie of an MTP-stage copy to the first
+        stage's embedding does not apply, and the first stage's chunk saves it.
+    """
+
+    def __init__(self, *args, first_layer: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.first_layer = first_layer
+
+    def sharded_state_dict(self, prefix: str = "", *args, **kwargs):
+        shares_embedding, self.mtp_process = self.mtp_process, False
+        try:
+            state = super().sharded_state_dict(prefix, *args, **kwargs)
+        finally:
+            self.mtp_process = shares_embedding
+        megatron_offset = get_transformer_layer_offset(self.config, self.vp_stage, get_pg_rank(self.pg_collection.pp))
+        local_layer = re.compile(rf"^{re.escape(prefix)}decoder\.layers\.(-?\d+)\.")
+        return {
+            local_layer.sub(lambda m: f"{prefix}decoder.layers.{int(m.group(1)) + megatron_offset - self.first_layer}.", key): value
+            for key, value in state.items()
+        }
 
 
 def stage_layers(num_layers: int, num_stages: int, stage: int, layers_per_stage=None) -> range:
@@ -132,9 +167,10 @@ def _without_embedding_group() -> ProcessGroupCollection:
     return groups
 
 
-def _stage_chunk(config, full_block: TransformerBlockSubmodules, stage: int, num_stages: int, layers: range) -> GPTModel:
+def _stage_chunk(config, full_block: TransformerBlockSubmodules, stage: int, num_stages: int, layers: range) -> _StageGPTModel:
     """Stage `stage` of `num_stages`, holding decoder `layers`, as a GPTModel (MTP not attached yet)."""
-    return GPTModel(
+    return _StageGPTModel(
+        first_layer=layers.start,
         config=config,
         transformer_layer_spec=_stage_block_spec(full_block, layers),
         vocab_size=config.vocab_size,
@@ -168,17 +204,35 @@ def _copy_from_full(chunk: GPTModel, full: GPTModel, layer_offset: int) -> None:
             tensor.copy_(source[full_name])
 
 
-def dualpipev_chunks(config, pp_rank: int, pp_size: int, layers_per_stage=None) -> list[GPTModel]:
+def dualpipev_chunks(config, pp_rank: int, pp_size: int, layers_per_stage=None, init_as_single_process: bool = True) -> list[GPTModel]:
     """Rank `pp_rank`'s two DualPipeV chunks: [stage pp_rank, stage 2P-1-pp_rank] of 2P stages."""
-    return _two_chunks(config, pp_rank, pp_size, (pp_rank, 2 * pp_size - 1 - pp_rank), 2 * pp_size, layers_per_stage)
+    stages = (pp_rank, 2 * pp_size - 1 - pp_rank)
+    return _two_chunks(config, pp_rank, pp_size, stages, 2 * pp_size, layers_per_stage, init_as_single_process)
 
 
-def dualpipe_chunks(config, pp_rank: int, pp_size: int, layers_per_stage=None) -> list[GPTModel]:
+def dualpipe_chunks(config, pp_rank: int, pp_size: int, layers_per_stage=None, init_as_single_process: bool = True) -> list[GPTModel]:
     """Rank `pp_rank`'s two DualPipe chunks: [stage pp_rank of direction 0, stage P-1-pp_rank of
     direction 1] of P stages; rank P-1-pp_rank holds their mirrors."""
     if pp_size % 2:
         raise ValueError(f"pp_size={pp_size}: DualPipe needs an even pipeline size (two directions meet in the middle). Fix: use an even pipeline_model_parallel_size, or DualPipeV.")
-    return _two_chunks(config, pp_rank, pp_size, (pp_rank, pp_size - 1 - pp_rank), pp_size, layers_per_stage)
+    stages = (pp_rank, pp_size - 1 - pp_rank)
+    chunks = _two_chunks(config, pp_rank, pp_size, stages, pp_size, layers_per_stage, init_as_single_process)
+    if not init_as_single_process:
+        _copy_mirrors(chunks)
+    return chunks
+
+
+def _copy_mirrors(chunks: list[GPTModel]) -> None:
+    """DualPipe's copies of a stage start equal: each rank's chunk 1 takes the values of its
+    mirror, chunk 0 of pipeline rank P-1-r (one exchange over Megatron's pipeline group)."""
+    group = parallel_state.get_pipeline_model_parallel_group()
+    partner = group.size() - 1 - group.rank()
+    sends = [t.detach() for t in (*chunks[0].parameters(), *chunks[0].buffers())]
+    receives = [t.detach() for t in (*chunks[1].parameters(), *chunks[1].buffers())]
+    operations = [torch.distributed.P2POp(torch.distributed.isend, t, group=group, group_peer=partner) for t in sends]
+    operations += [torch.distributed.P2POp(torch.distributed.irecv, t, group=group, group_peer=partner) for t in receives]
+    for request in torch.distributed.batch_isend_irecv(operations):
+        request.wait()
 
 
 def chunk_stages(schedule: str, pp_rank: int, pp_size: int) -> tuple[tuple[int, int], int]:
@@ -190,10 +244,10 @@ def chunk_stages(schedule: str, pp_rank: int, pp_size: int) -> tuple[tuple[int, 
     raise ValueError(f"schedule={schedule!r}: two-chunk layouts exist for 'dualpipe' and 'dualpipev'.")
 
 
-def _two_chunks(config, pp_rank: int, pp_size: int, stages: tuple[int, int], num_stages: int, layers_per_stage) -> list[GPTModel]:
-    """The chunks holding `stages` (see the module note). Call after seeding as the
-    single-process run is seeded; `config.pipeline_model_parallel_size` must be `pp_size`
-    (Megatron's pipeline group is what the executor communicates over)."""
+def _two_chunks(config, pp_rank: int, pp_size: int, stages: tuple[int, int], num_stages: int, layers_per_stage,
+                init_as_single_process: bool) -> list[GPTModel]:
+    """The chunks holding `stages` (see the module note). `config.pipeline_model_parallel_size`
+    must be `pp_size` (Megatron's pipeline group is what the executor communicates over)."""
     if pp_size < 1 or not 0 <= pp_rank < pp_size:
         raise ValueError(f"pp_rank={pp_rank}, pp_size={pp_size}: need pp_size >= 1 and 0 <= pp_rank < pp_size")
     if config.pipeline_model_parallel_size != pp_size:
@@ -210,7 +264,7 @@ def _two_chunks(config, pp_rank: int, pp_size: int, stages: tuple[int, int], num
 
     single = dataclasses.replace(config, pipeline_model_parallel_size=1)
     with _AsSingleProcess():
-        full = specs.gpt_model(single)
+        full = specs.gpt_model(single) if init_as_single_process else None
         full_block = specs.decoder_block_spec(single)
     rng_after_full_model = torch.get_rng_state()  # the single-process run's state after building
 
@@ -226,6 +280,9 @@ def _two_chunks(config, pp_rank: int, pp_size: int, stages: tuple[int, int], num
             # Used twice on one rank, as in the single-process model (Megatron marks it there).
             first.embedding.word_embeddings.weight.zero_out_wgrad = True
     for chunk, stage_range in zip(chunks, layers):
-        _copy_from_full(chunk, full, stage_range.start)
-    torch.set_rng_state(rng_after_full_model)
+        specs.use_fp8_linears(chunk, config)  # as specs.gpt_model does for the whole model
+        if full is not None:
+            _copy_from_full(chunk, full, stage_range.start)
+    if full is not None:
+        torch.set_rng_state(rng_after_full_model)
     return chunks

@@ -20,6 +20,9 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
 
+TRAIN_FRACTION = 0.98  # of the documents; the rest is the validation split
+
+
 class ByteTokenizer:
     """UTF-8 bytes as token ids, plus an end-of-document token; what GPTDataset asks of one."""
 
@@ -56,6 +59,13 @@ def stdlib_documents(max_bytes: int) -> list[Path]:
 def build_indexed_corpus(cache_dir: Path, max_bytes: int) -> str:
     """Write the corpus as a Megatron indexed dataset once; returns its path prefix."""
     documents = stdlib_documents(max_bytes)
+    if round(TRAIN_FRACTION * len(documents)) >= len(documents):
+        # Megatron splits by documents, rounding the cumulative fraction; an empty split makes
+        # GPTDataset search for epochs forever
+        raise ValueError(
+            f"corpus_bytes={max_bytes} gives {len(documents)} documents: the {100 - 100 * TRAIN_FRACTION:.0f}% "
+            "validation split would hold none. Fix: raise --corpus-bytes (1000000 gives 41 documents)."
+        )
     digest = hashlib.sha1("\n".join(str(p) for p in documents).encode()).hexdigest()[:12]
     prefix = cache_dir / f"stdlib-bytes-{digest}"
     if Path(f"{prefix}.idx").exists():
@@ -76,13 +86,20 @@ def build_indexed_corpus(cache_dir: Path, max_bytes: int) -> str:
 def build_datasets(
     cache_dir: Path, seq_length: int, train_samples: int, valid_samples: int, seed: int, max_bytes: int
 ) -> tuple[GPTDataset, GPTDataset]:
-    """Train and validation GPTDatasets over the embedded corpus (98% / 2% of documents)."""
+    """Train and validation GPTDatasets over the embedded corpus (98% / 2% of documents).
+    Under torch.distributed, rank 0 writes the corpus first and the others then find it
+    (Megatron's builder does the same for its index caches)."""
+    distributed = torch.distributed.is_initialized()
+    if distributed and torch.distributed.get_rank() == 0:
+        build_indexed_corpus(cache_dir, max_bytes)
+    if distributed:
+        torch.distributed.barrier()
     prefix = build_indexed_corpus(cache_dir, max_bytes)
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
         blend=([prefix], None),
-        split="98,2,0",
+        split=f"{100 * TRAIN_FRACTION:g},{100 - 100 * TRAIN_FRACTION:g},0",
         path_to_cache=str(cache_dir / "index-cache"),
         tokenizer=ByteTokenizer(),
         reset_position_ids=False,

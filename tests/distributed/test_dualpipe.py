@@ -298,3 +298,31 @@ def test_layouts_reject_impossible_layer_counts():
         stage_layers(6, 4, 0, [0, 3, 2, 1])
     with pytest.raises(ValueError, match=r"pp_size=3: DualPipe needs an even pipeline size"):
         dualpipe_chunks(preset("tiny", pipeline_model_parallel_size=3, pipeline_dtype=torch.float32), 0, 3)
+
+
+def _mirrors_main(rank: int, port: int, out_dir: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", TORCHDYNAMO_DISABLE="1")
+    from megatron.core import parallel_state
+
+    from megatron_dsv3 import cpu
+    from megatron_dsv3.pipeline import layout
+
+    torch.distributed.init_process_group("gloo")
+    parallel_state.initialize_model_parallel(pipeline_model_parallel_size=2, get_embedding_ranks=layout.dualpipev_embedding_ranks)
+    config = _config(4, 2)
+    cpu.enable(config)
+    torch.manual_seed(100 + rank)  # as Megatron-LM seeds pipeline ranks: differently
+    chunks = layout.dualpipe_chunks(config, rank, 2, init_as_single_process=False)
+    torch.save([dict(chunk.state_dict()) for chunk in chunks], os.path.join(out_dir, f"mirrors{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_dualpipe_mirrors_start_equal_when_ranks_initialise_apart(tmp_path):
+    """Without the single-process initialisation (too big to build), each rank initialises its
+    chunks from its own seed; rank r's chunk 1 must still equal its mirror, rank P-1-r's chunk 0."""
+    mp.spawn(_mirrors_main, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"mirrors{rank}.pt", weights_only=False) for rank in range(2)]
+    for rank in range(2):
+        mine, mirror = ranks[rank][1], ranks[1 - rank][0]
+        tensors = {k: v for k, v in mine.items() if isinstance(v, torch.Tensor)}
+        assert tensors and all(torch.equal(v, mirror[k]) for k, v in tensors.items())
