@@ -1,5 +1,6 @@
 # Two commands are all the set-up on a fresh machine with Python 3.12:
-#   make demo   train the tiny DeepSeek-V3 on CPU (MLA + MoE with bias balancing + MTP)
+#   make demo   train a tiny DeepSeek-V3 on 2 CPU processes: DualPipeV (PP=2), MLA, MoE with
+#               bias balancing, MTP, block-scaled FP8 (emulated)
 #   make test   the whole test suite (make test-fast skips the slow end-to-end tests)
 PYTHON ?= python3.12
 VENV := .venv
@@ -14,8 +15,9 @@ $(INSTALLED): setup.py
 	touch $(INSTALLED)
 
 demo: $(INSTALLED)
-	$(PY) -m megatron_dsv3.training --preset tiny --steps 400 --micro-batch-size 8 \
-		--num-microbatches 2 --run-dir runs/demo --check
+	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --nproc-per-node 2 -m megatron_dsv3.training \
+		--preset tiny-fp8 --set num_layers=4 --pipeline-schedule dualpipev --pp 2 \
+		--steps 120 --micro-batch-size 4 --num-microbatches 4 --run-dir runs/demo --check
 
 test: $(INSTALLED)
 	$(PY) -m pytest

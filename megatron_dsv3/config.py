@@ -255,6 +255,22 @@ PRESETS: dict[str, dict] = {
         ),
     },
 }
+# tiny widened so every GEMM's inner dimension is whole 128-wide tiles, in emulated FP8 (PAPER §5)
+PRESETS["tiny-fp8"] = {
+    **PRESETS["tiny"],
+    **dict(
+        hidden_size=128,
+        ffn_hidden_size=384,
+        q_lora_rank=128,
+        kv_lora_rank=128,
+        qk_head_dim=32,
+        qk_pos_emb_head_dim=16,
+        v_head_dim=32,
+        moe_ffn_hidden_size=128,
+        moe_shared_expert_intermediate_size=128,
+        fp8_blockwise="emulate",
+    ),
+}
 
 
 def preset(name: str, **overrides) -> DeepSeekV3Config:

@@ -100,6 +100,7 @@ PRESET_FLAGS = {
     "vocab_size": ("--padded-vocab-size",),  # the embedding's rows, whatever the tokenizer
     "bias_update_rate_schedule": ("--dsv3-gamma-schedule",),
     "mtp_loss_scaling_schedule": ("--dsv3-lambda-schedule",),
+    "fp8_blockwise": ("--dsv3-fp8",),  # a preset's own FP8 (tiny-fp8: emulate); "te" needs --dsv3-fp8 te given
 }
 # Bool fields Megatron-LM spells as a switch: (switch, the value the switch means). The
 # field's other value is Megatron-LM's default, and gives no flag.

@@ -2,8 +2,8 @@
 
 PAPER.md §5 validates its FP8 framework by training the same model on the same data in
 BF16 and in FP8: the relative loss error stays below 0.25%. This benchmark repeats that at
-CPU scale: the `tiny` preset widened so every GEMM's inner dimension is a whole number of
-128-wide tiles (`TILED_TINY`), the same seed and the same batches, trained once in FP32
+CPU scale: the `tiny-fp8` preset (`tiny` widened so every GEMM's inner dimension is a whole
+number of 128-wide tiles), the same seed and the same batches, trained once in FP32
 and once with every Linear of the decoder in block-scaled FP8 (`fp8_blockwise='emulate'`:
 1x128 activation tiles, 128x128 weight blocks, FP32 promotion every 128, power-of-2
 scales after attention). Embedding, output head, router, norms and the attention core
@@ -19,11 +19,6 @@ from pathlib import Path
 
 from megatron_dsv3.training.loop import TrainArgs, train
 
-TILED_TINY = dict(  # tiny, widened to whole 128-wide tiles
-    hidden_size=128, ffn_hidden_size=384, num_attention_heads=4, q_lora_rank=128, kv_lora_rank=128,
-    qk_head_dim=32, qk_pos_emb_head_dim=16, v_head_dim=32, moe_ffn_hidden_size=128,
-    moe_shared_expert_intermediate_size=128,
-)
 PAPER_BOUND = 0.0025  # PAPER.md §5: relative loss error below 0.25%
 
 
@@ -36,7 +31,7 @@ def run(steps: int, run_dir: Path, seed: int) -> dict:
     results = {}
     for label, fp8 in (("fp32", None), ("fp8", "emulate")):
         args = TrainArgs(
-            preset="tiny", overrides={**TILED_TINY, "fp8_blockwise": fp8} if fp8 else dict(TILED_TINY),
+            preset="tiny-fp8", overrides={"fp8_blockwise": fp8},
             steps=steps, micro_batch_size=4, num_microbatches=2, warmup_steps=steps // 20, seed=seed,
             run_dir=run_dir / label,
         )
@@ -59,7 +54,7 @@ def run(steps: int, run_dir: Path, seed: int) -> dict:
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("fp8-convergence", help="train tiny in FP32 and in FP8 (emulated); the loss gap")
+    parser = subparsers.add_parser("fp8-convergence", help="train tiny-fp8 in FP32 and in FP8 (emulated); the loss gap")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--run-dir", type=Path, default=Path("runs/fp8-convergence"))

@@ -254,7 +254,7 @@ def plot_timeline(timeline: Timeline, path, title: str = "") -> None:
     num_ranks = timeline.placement.num_ranks
     makespan = timeline.makespan()
     width = min(max(8.0, len(timeline.records) / num_ranks * 0.25), 40.0)
-    figure, axes = plt.subplots(figsize=(width, 0.5 * num_ranks + 1.2))
+    figure, axes = plt.subplots(figsize=(width, 0.5 * num_ranks + 1.6))
     costs = timeline.costs
     for record in timeline.records:
         y = num_ranks - 1 - record.rank
@@ -280,7 +280,7 @@ def plot_timeline(timeline: Timeline, path, title: str = "") -> None:
     if costs is None:
         legend["FB"] = "forward & backward"
     axes.legend(handles=[Rectangle((0, 0), 1, 1, facecolor=_COLORS[k], label=v) for k, v in legend.items()],
-                loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=len(legend), fontsize=7, frameon=False)
+                loc="upper center", bbox_to_anchor=(0.5, -0.4), ncol=len(legend), fontsize=7, frameon=False)
     axes.set_title(title or f"bubble {timeline.bubble():g}, makespan {timeline.makespan():g}", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
