@@ -3,7 +3,6 @@
 import torch
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
-from megatron_dsv3.bench.fp8_convergence import TILED_TINY
 from megatron_dsv3.config import preset
 from megatron_dsv3.fp8.linear import FP8AttentionOutputLinear, FP8ColumnParallelLinear, FP8RowParallelLinear
 from megatron_dsv3.specs import gpt_model
@@ -14,10 +13,8 @@ def build(fp8, **overrides):
     from megatron.core import tensor_parallel
 
     tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
-    overrides = {**TILED_TINY, "seq_length": 32, **overrides}
-    if fp8:
-        overrides["fp8_blockwise"] = fp8
-    return gpt_model(preset("tiny", **overrides))
+    overrides = {"seq_length": 32, **overrides, "fp8_blockwise": fp8}
+    return gpt_model(preset("tiny-fp8", **overrides))
 
 
 def test_every_decoder_linear_is_fp8_and_the_paper_s_exceptions_are_not():

@@ -74,12 +74,7 @@ def _tiny_ddp(fp8, overlap: bool):
 
     torch.manual_seed(0)
     tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
-    overrides = {"fp8_blockwise": fp8} if fp8 else {}
-    if fp8:
-        from megatron_dsv3.bench.fp8_convergence import TILED_TINY
-
-        overrides.update(TILED_TINY)
-    config = preset("tiny", seq_length=SEQ, **overrides)
+    config = preset("tiny-fp8", seq_length=SEQ, fp8_blockwise=fp8) if fp8 else preset("tiny", seq_length=SEQ)
     return DistributedDataParallel(config, DistributedDataParallelConfig(overlap_grad_reduce=overlap), gpt_model(config))
 
 
