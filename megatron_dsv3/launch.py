@@ -283,6 +283,13 @@ def check_parallelism(args: argparse.Namespace) -> None:
             f"use a multiple of {args.micro_batch_size * dp}",
         )
         _placement(args, args.global_batch_size // (args.micro_batch_size * dp))
+    if args.pipeline_schedule != "default":
+        _require(
+            not args.gradient_accumulation_fusion,
+            f"--pipeline-schedule={args.pipeline_schedule} defers the local linears' weight gradients (megatron_dsv3."
+            "pipeline.weight_grad), which Megatron's fused gradient accumulation cannot",
+            "add --no-gradient-accumulation-fusion",
+        )
     for name, flag in OTHER_LAYOUT_FLAGS.items():
         _require(
             not getattr(args, name),

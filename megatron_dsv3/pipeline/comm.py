@@ -1,4 +1,4 @@
-"""Point-to-point transfers between neighbouring pipeline ranks, for the DualPipeV executor.
+"""Point-to-point transfers between neighbouring pipeline ranks, for the two-chunk executors.
 
 Every tensor exchanged is one stage boundary of one micro-batch: shape
 (sequence, micro-batch, hidden), known to both sides, so nothing but the data travels.
@@ -7,10 +7,14 @@ so a rank waits only for what its next action needs.
 
 Between two neighbours, each direction carries two streams: activations of one chunk and
 gradients of the other (e.g. rank r sends rank r+1 its chunk 0 outputs and its chunk 1
-input gradients). Each stream is sent and received in micro-batch order, and the two are
-told apart by their tag, so a message always meets the receive meant for it.
-Tags are honoured by gloo (CPU); NCCL ignores them and matches sends to receives in issue
-order, which this executor does not guarantee yet (see dualpipe.py, next steps).
+input gradients). Each stream is sent in micro-batch order and received in the same order,
+but the two interleave differently on the two sides (DualPipeV, P=4: rank 0's 7th send to
+rank 1 is activation 6, rank 1's 7th receive from rank 0 is gradient 0). NCCL matches a
+link's messages in issue order, ignoring tags, so each stream has its own process group with
+the pipeline group's ranks and timeout (`stream_groups`): within one, both sides agree
+(tests/unit/test_pipeline_schedule.py checks every order). The groups are made on first use,
+by every rank of the world at once (`new_group` is collective over the default group), which
+the executors' calls are: all ranks run the step.
 
 Failures. A receive whose sender has died fails at once (gloo: "Connection closed by
 peer"); one whose sender is alive but never sends (stuck, or in its own error handling)
@@ -31,36 +35,55 @@ import torch.distributed as dist
 ACTIVATION = 0
 GRADIENT = 1
 _STREAMS = {ACTIVATION: "an activation", GRADIENT: "a gradient"}
+_stream_groups: dict[tuple[int, ...], dict[int, dist.ProcessGroup]] = {}  # pipeline's global ranks -> per stream
+
+
+def stream_groups(group: dist.ProcessGroup, device: torch.device) -> dict[int, dist.ProcessGroup]:
+    """One process group per stream, with `group`'s ranks, backend and timeout (module note).
+    The first call is a collective over the whole world."""
+    ranks = tuple(dist.get_process_group_ranks(group))
+    if ranks not in _stream_groups:
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, ranks)
+        timeout = group._get_backend(device).options._timeout  # the pipeline group's (module note)
+        for pipeline in sorted(set(every)):  # the same new_group calls, in the same order, on every rank
+            groups = {stream: dist.new_group(list(pipeline), timeout=timeout, backend=dist.get_backend(group)) for stream in _STREAMS}
+            if pipeline == ranks:
+                _stream_groups[ranks] = groups
+    return _stream_groups[ranks]
 
 
 class NeighbourP2P:
-    """Sends and receives boundary tensors over `group` (group ranks, not global ones)."""
+    """Sends and receives boundary tensors to pipeline ranks of `group` (group ranks, not
+    global ones), each stream over its own group."""
 
     def __init__(self, group: dist.ProcessGroup, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
         self.group = group
         self.shape = shape
         self.dtype = dtype
         self.device = device
+        self._global_ranks = dist.get_process_group_ranks(group)
+        self._streams = stream_groups(group, device)
         self._in_flight: list[tuple[dist.Work, torch.Tensor]] = []
 
-    def send(self, tensor: torch.Tensor, to_rank: int, tag: int) -> None:
+    def send(self, tensor: torch.Tensor, to_rank: int, stream: int) -> None:
         if tuple(tensor.shape) != self.shape or tensor.dtype != self.dtype:
             raise ValueError(
                 f"sending a {tuple(tensor.shape)} {tensor.dtype} tensor to pipeline rank {to_rank}; the boundary is "
                 f"{self.shape} {self.dtype}. Fix: seq_length / micro_batch_size / config.pipeline_dtype must match the data."
             )
         payload = tensor.detach().contiguous()
-        work = dist.isend(payload, group=self.group, group_dst=to_rank, tag=tag)
+        work = dist.isend(payload, dst=self._global_ranks[to_rank], group=self._streams[stream])
         self._in_flight = [(w, t) for w, t in self._in_flight if not w.is_completed()]
         self._in_flight.append((work, payload))  # the payload must live until sent
 
-    def recv(self, from_rank: int, tag: int) -> torch.Tensor:
+    def recv(self, from_rank: int, stream: int) -> torch.Tensor:
         tensor = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         try:
-            dist.recv(tensor, group=self.group, group_src=from_rank, tag=tag)
+            dist.recv(tensor, src=self._global_ranks[from_rank], group=self._streams[stream])
         except RuntimeError as error:  # torch's DistBackendError is one
             raise RuntimeError(
-                f"pipeline rank {self.group.rank()}: receiving {_STREAMS[tag]} from pipeline rank {from_rank} failed: "
+                f"pipeline rank {self.group.rank()}: receiving {_STREAMS[stream]} from pipeline rank {from_rank} failed: "
                 f"{error}. That rank failed, hangs, or is unreachable (see its own error); one that hangs is detected "
                 "only after the pipeline group's timeout. Fix: set it with initialize_model_parallel("
                 "distributed_timeout_minutes=...) (Megatron-LM: --distributed-timeout-minutes; default 30)."

@@ -66,8 +66,9 @@ Contract (DESIGN.md, "Contracts a Megatron schedule must honour"):
     is one module per rank (layout.py): no first/last-stage copy to all-reduce. Megatron's
     embedding group must therefore be rank 0 alone (`layout.dualpipev_embedding_ranks`); its
     default, ranks 0 and P-1, is rejected (ValueError) since the all-reduce would hang.
-Not supported yet (ValueError): adjust_tensor_shapes_fn. Ignored as by no-pipelining:
-decoder_seq_length (no encoder), first_val_step, p2p_communicator (its one-chunk-per-rank
+Not supported yet (ValueError): adjust_tensor_shapes_fn, gradient_accumulation_fusion (its fused
+kernel accumulates weight gradients inside the backward). Ignored as by no-pipelining:
+decoder_seq_length (no encoder), p2p_communicator (its one-chunk-per-rank
 send/recv pairs do not express two chunks; comm.py communicates over the same pipeline group).
 On GPU, Megatron's combined-1F1B plans (`TransformerModelChunkSchedulePlan`) are not wired in
 as a chunk's `overlapped_forward_backward` yet: they need expert parallelism on GPUs.
@@ -82,7 +83,7 @@ from dataclasses import dataclass
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.pipeline_parallel.schedules import backward_step, forward_step
+from megatron.core.pipeline_parallel.schedules import backward_step, check_first_val_step, deallocate_output_tensor, forward_step
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.utils import get_model_config, get_pg_size
 
@@ -151,6 +152,7 @@ def _forward_backward(
         num_microbatches=num_microbatches,
         cp_size=pg_collection.cp.size() if pg_collection is not None else parallel_state.get_context_parallel_world_size(),
         forward_only=forward_only,
+        first_val_step=first_val_step,
         collect_non_loss_data=collect_non_loss_data,
     )
     executor.run(spec.order(num_ranks, num_microbatches)[rank])
@@ -175,9 +177,9 @@ def _forward_backward(
 def _check_setup(spec: _TwoChunkSchedule, model, data_iterator, num_ranks: int, num_microbatches: int, adjust_tensor_shapes_fn, embedding_group_size: int) -> None:
     """Reject what the executor cannot run, before any communication."""
     if not isinstance(model, list) or len(model) != 2:
-        count = len(model) if isinstance(model, list) else "not a list of"
+        got = f"has {len(model)} chunks" if isinstance(model, list) else f"is a {type(model).__name__}, not a list of chunks"
         raise ValueError(
-            f"model has {count} chunks: {spec.name} runs exactly two per rank. "
+            f"model {got}: {spec.name} runs exactly two per rank. "
             f"Fix: build them with megatron_dsv3.pipeline.layout.{spec.layout_builder}."
         )
     spec.validate(num_ranks, num_microbatches)
@@ -192,6 +194,12 @@ def _check_setup(spec: _TwoChunkSchedule, model, data_iterator, num_ranks: int, 
             f"Megatron's embedding group has {embedding_group_size} ranks: {spec.name} keeps one embedding per rank "
             "(shared by the input and the MTP block), so there is no first/last-stage copy to all-reduce. Fix: "
             "initialize_model_parallel(..., get_embedding_ranks=megatron_dsv3.pipeline.layout.dualpipev_embedding_ranks)."
+        )
+    if get_model_config(model[0]).gradient_accumulation_fusion:
+        raise ValueError(
+            f"gradient_accumulation_fusion=True: {spec.name} defers the local linears' weight gradients (weight_grad.py), "
+            "which Megatron's fused accumulation kernel cannot. Fix: gradient_accumulation_fusion=False "
+            "(Megatron-LM: --no-gradient-accumulation-fusion)."
         )
 
 
@@ -330,7 +338,8 @@ def record_timeline():
 class _RankExecutor:
     """Runs one rank's order over its two chunks (the design note)."""
 
-    def __init__(self, *, model, config, placement, feed, p2p, rank, forward_step_func, num_microbatches, cp_size, forward_only, collect_non_loss_data):
+    def __init__(self, *, model, config, placement, feed, p2p, rank, forward_step_func, num_microbatches, cp_size, forward_only,
+                 first_val_step, collect_non_loss_data):
         self.model = model
         self.config = config
         self.placement = placement
@@ -341,9 +350,10 @@ class _RankExecutor:
         self.num_microbatches = num_microbatches
         self.cp_size = cp_size
         self.forward_only = forward_only
+        self.first_val_step = first_val_step
         self.collect_non_loss_data = collect_non_loss_data
         self.losses: dict[int, object] = {}  # micro-batch -> loss dict, on the chunks computing the loss
-        self.total_num_tokens = torch.zeros((), dtype=torch.int)
+        self.total_num_tokens = torch.zeros((), dtype=torch.int, device=p2p.device)
         holder = {stage: (r, chunk) for r, chunks in enumerate(placement.stage_of) for chunk, stage in enumerate(chunks)}
         last_stage = placement.num_stages - 1
         # per chunk: who holds the previous / next stage of its direction, (rank, chunk) or None
@@ -424,15 +434,22 @@ class _RankExecutor:
             forward_data_store=[],
             config=self.config,
             current_microbatch=microbatch,
-            is_first_microbatch=microbatch == self.placement.microbatches_of(self.rank, chunk)[0] and not self.forward_only,
+            is_first_microbatch=check_first_val_step(
+                self.first_val_step, self.forward_only, microbatch == self.placement.microbatches_of(self.rank, chunk)[0]
+            ),
         )
 
     def _forward_done(self, chunk: int, microbatch: int, inputs: dict, output, num_tokens) -> None:
         if self.computes_loss(chunk):
-            self.total_num_tokens = self.total_num_tokens + torch.as_tensor(num_tokens).cpu()
+            self.total_num_tokens = self.total_num_tokens + torch.as_tensor(num_tokens, device=self.p2p.device)
             self.losses[microbatch] = inputs["forward_data_store"][0]
         else:
+            # Megatron's Float16Module returns FP32 on its last pipeline rank (P-1), which here is
+            # not where the loss is: the boundary's dtype (differentiably, for the backward)
+            output = output.to(self.p2p.dtype)
             self._send(ACTIVATION, self.next[chunk], microbatch, output)
+            # only its grad_fn is needed now (Megatron's deallocate_pipeline_outputs)
+            deallocate_output_tensor(output, self.config.deallocate_pipeline_outputs)
         if not self.forward_only:
             self._saved[chunk, microbatch] = (inputs["input_tensor"], output)
 
@@ -496,8 +513,9 @@ def _move_losses_to_last_stage(executor: _RankExecutor, group) -> tuple[list, to
     last = group.size() - 1
     senders = sorted({rank for rank, chunks in enumerate(executor.placement.stage_of)
                       for _, stage in chunks if stage == executor.placement.num_stages - 1} - {last})
-    if executor.rank in senders:
-        torch.distributed.send_object_list([executor.losses, executor.total_num_tokens], group=group, group_dst=last)
+    if executor.rank in senders:  # pickled through the CPU: a CUDA tensor would unpickle on this rank's GPU
+        payload = [_to_device(executor.losses, torch.device("cpu")), executor.total_num_tokens.cpu()]
+        torch.distributed.send_object_list(payload, group=group, group_dst=last)
         return [], executor.total_num_tokens
     if executor.rank != last:
         return [], executor.total_num_tokens
@@ -505,9 +523,17 @@ def _move_losses_to_last_stage(executor: _RankExecutor, group) -> tuple[list, to
     for sender in senders:
         received = [None, None]
         torch.distributed.recv_object_list(received, group=group, group_src=sender)
-        losses.update(received[0])
-        total_num_tokens = total_num_tokens + received[1]
+        losses.update(_to_device(received[0], executor.p2p.device))
+        total_num_tokens = total_num_tokens + received[1].to(executor.p2p.device)
     return [losses[microbatch] for microbatch in sorted(losses)], total_num_tokens
+
+
+def _to_device(losses: dict, device: torch.device) -> dict:
+    """{micro-batch: loss dict} with every tensor on `device`."""
+    return {
+        microbatch: {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in loss.items()} if isinstance(loss, dict) else loss
+        for microbatch, loss in losses.items()
+    }
 
 
 # -- DualPipe's mirrored chunks ---------------------------------------------------------------

@@ -45,6 +45,8 @@ import re
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionBlock
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
@@ -71,12 +73,16 @@ class _StageGPTModel(GPTModel):
         (the sharded keys, global numbers, are right as they are);
       - the last stage's MTP block uses the first stage's embedding module on the same rank
         (the module note), not a copy: Megatron's tie of an MTP-stage copy to the first
-        stage's embedding does not apply, and the first stage's chunk saves it.
+        stage's embedding does not apply, and the first stage's chunk saves it;
+      - a DualPipe mirror (`is_mirror`: chunk 1, whose stage another rank holds as chunk 0)
+        marks every entry a non-main replica, so each stage is written once and read into
+        both copies.
     """
 
     def __init__(self, *args, first_layer: int, **kwargs):
         super().__init__(*args, **kwargs)
         self.first_layer = first_layer
+        self.is_mirror = False
 
     def sharded_state_dict(self, prefix: str = "", *args, **kwargs):
         shares_embedding, self.mtp_process = self.mtp_process, False
@@ -86,10 +92,21 @@ class _StageGPTModel(GPTModel):
             self.mtp_process = shares_embedding
         megatron_offset = get_transformer_layer_offset(self.config, self.vp_stage, get_pg_rank(self.pg_collection.pp))
         local_layer = re.compile(rf"^{re.escape(prefix)}decoder\.layers\.(-?\d+)\.")
-        return {
+        state = {
             local_layer.sub(lambda m: f"{prefix}decoder.layers.{int(m.group(1)) + megatron_offset - self.first_layer}.", key): value
             for key, value in state.items()
         }
+        if self.is_mirror:
+            dict_list_map_inplace(_as_replica, state)
+        return state
+
+
+def _as_replica(item):
+    """A sharded entry marked as another rank's copy (replica id not all zeros)."""
+    if isinstance(item, (ShardedTensor, ShardedObject, ShardedTensorFactory)):
+        replica = item.replica_id
+        item.replica_id = (1, *replica[1:]) if isinstance(replica, tuple) else 1
+    return item
 
 
 def stage_layers(num_layers: int, num_stages: int, stage: int, layers_per_stage=None) -> range:
@@ -219,6 +236,11 @@ def dualpipe_chunks(config, pp_rank: int, pp_size: int, layers_per_stage=None, i
     chunks = _two_chunks(config, pp_rank, pp_size, stages, pp_size, layers_per_stage, init_as_single_process)
     if not init_as_single_process:
         _copy_mirrors(chunks)
+    # Chunk 1 is the mirror: checkpoints write its stage from the other copy, and gradient
+    # norms count each stage once (Megatron's clip_grad_norm skips `shared` parameters).
+    chunks[1].is_mirror = True
+    for param in chunks[1].parameters():
+        param.shared = True
     return chunks
 
 
@@ -227,12 +249,18 @@ def _copy_mirrors(chunks: list[GPTModel]) -> None:
     mirror, chunk 0 of pipeline rank P-1-r (one exchange over Megatron's pipeline group)."""
     group = parallel_state.get_pipeline_model_parallel_group()
     partner = group.size() - 1 - group.rank()
-    sends = [t.detach() for t in (*chunks[0].parameters(), *chunks[0].buffers())]
-    receives = [t.detach() for t in (*chunks[1].parameters(), *chunks[1].buffers())]
+    # chunks are still where they were built (often the CPU); NCCL sends from the GPU
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend(group) == "nccl" else torch.device("cpu")
+    sends = [t.detach().to(device) for t in (*chunks[0].parameters(), *chunks[0].buffers())]
+    targets = [t.detach() for t in (*chunks[1].parameters(), *chunks[1].buffers())]
+    receives = [torch.empty_like(t, device=device) for t in targets]
     operations = [torch.distributed.P2POp(torch.distributed.isend, t, group=group, group_peer=partner) for t in sends]
     operations += [torch.distributed.P2POp(torch.distributed.irecv, t, group=group, group_peer=partner) for t in receives]
     for request in torch.distributed.batch_isend_irecv(operations):
         request.wait()
+    with torch.no_grad():
+        for target, received in zip(targets, receives):
+            target.copy_(received)
 
 
 def chunk_stages(schedule: str, pp_rank: int, pp_size: int) -> tuple[tuple[int, int], int]:

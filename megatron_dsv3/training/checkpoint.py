@@ -17,15 +17,16 @@ chunk numbers its layers globally; see pipeline/layout.py):
   optimizer        AdamW's moments per parameter (`optimizer.state.exp_avg.<key>`, ...), its
                    step count and hyper-parameters; the LR / weight-decay scheduler's state;
   ema              the CPU EMA of the parameters (`ema.<key>`), when the run keeps one;
-  rng              each rank's torch / Python / NumPy generator states (one object per rank);
+  rng              each rank's torch / Python / NumPy / Megatron tracker generator states (one
+                   object per rank);
   progress         the step, consumed samples and tokens: the data position (the data order is
                    fixed by the seed, so the loop skips what was consumed) and the gamma /
                    lambda token-schedule position (`DeepSeekV3Config.apply_token_schedules`);
   run              the settings a resume must share (batch shape, schedule, world), checked
                    before anything is loaded.
-DualPipe keeps two copies of every stage (pipeline/dualpipe.py); a rank's chunk 1 is marked
-as a replica, so each stage is written once (by the rank holding it as chunk 0) and read
-into both copies.
+DualPipe keeps two copies of every stage (pipeline/dualpipe.py); the mirror chunk marks its
+entries as replicas (pipeline/layout.py), so each stage is written once (by the rank holding
+it as chunk 0) and read into both copies; the moments and the EMA follow their parameters.
 """
 
 from __future__ import annotations
@@ -39,9 +40,8 @@ from pathlib import Path
 
 import numpy
 import torch
-from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
-from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.optimizer import (
     get_param_id_to_sharded_param_map,
     make_sharded_optimizer_tensor,
@@ -74,33 +74,14 @@ class TrainingState:
     scheduler: object  # megatron.core.optimizer_param_scheduler.OptimizerParamScheduler
     ema: ParameterEMA | None
     ema_names: dict[str, torch.nn.Parameter]  # the EMA's parameter names -> parameters
-    mirrored: bool  # DualPipe: chunk 1 mirrors another rank's chunk 0
 
 
 def _unwrapped(chunk):
     return chunk.module if hasattr(chunk, "module") else chunk
 
 
-def _mark_as_replica(state: dict) -> None:
-    """Make every sharded entry of `state` a non-main replica: another rank writes it."""
-
-    def mark(item):
-        if isinstance(item, (ShardedTensor, ShardedObject)):
-            replica = item.replica_id
-            item.replica_id = (1, *replica[1:]) if isinstance(replica, tuple) else 1
-        return item
-
-    dict_list_map_inplace(mark, state)
-
-
 def _model_state(state: TrainingState) -> dict:
-    model = {}
-    for index, chunk in enumerate(state.chunks):
-        chunk_state = _unwrapped(chunk).sharded_state_dict()
-        if state.mirrored and index == 1:
-            _mark_as_replica(chunk_state)
-        model[f"chunk{index}"] = chunk_state
-    return model
+    return {f"chunk{index}": _unwrapped(chunk).sharded_state_dict() for index, chunk in enumerate(state.chunks)}
 
 
 def _ensure_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
@@ -137,7 +118,8 @@ def _ema_state(state: TrainingState, model: dict) -> dict:
 
 def _rng_state() -> ShardedObject:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    states = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy.random.get_state()}
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy.random.get_state(),
+              "model_parallel": tensor_parallel.get_cuda_rng_tracker().get_states()}  # Megatron's dropout streams
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state()
     return ShardedObject("rng_state", states, (world,), (rank,), replica_id=0)
@@ -223,6 +205,7 @@ def load(root: Path, state: TrainingState, run: dict) -> dict:
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     numpy.random.set_state(rng["numpy"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(rng["model_parallel"])
     if "cuda" in rng:
         torch.cuda.set_rng_state(rng["cuda"])
     return loaded["progress"]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import json
 import os
 import random
@@ -31,6 +30,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+from megatron.core.transformer.module import param_is_not_shared
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 from tqdm import tqdm
 
@@ -202,9 +202,10 @@ def _layer_order(name: str) -> tuple[int, int]:
     return (kind == "mtp", int(number))
 
 
-def step_metrics(losses: list[dict], config, model_chunks, num_microbatches: int, pipeline_group=None) -> dict:
-    """LM, MTP and sequence-balance losses of the step just run, and each MoE layer's load,
-    gathered over the pipeline (a collective on `pipeline_group` when given). DualPipe's
+def step_metrics(losses: list[dict], config, model_chunks, num_microbatches: int, pipeline_group=None, data_parallel_group=None) -> dict:
+    """LM, MTP and sequence-balance losses of the step just run, and each MoE layer's load:
+    gathered over the pipeline, and the losses summed over data-parallel replicas
+    (collectives on the groups given). Loads are already global (routing.py). DualPipe's
     mirrored layers report the same load twice: one is kept."""
     local = _local_step_sums(losses, model_chunks)
     parts = [local]
@@ -212,14 +213,20 @@ def step_metrics(losses: list[dict], config, model_chunks, num_microbatches: int
         parts = [None] * pipeline_group.size()
         torch.distributed.all_gather_object(parts, local, group=pipeline_group)
     lm_sum, lm_tokens = next(part["lm"] for part in parts if "lm" in part)
-    record = {"lm_loss": lm_sum / lm_tokens}
+    sums = torch.tensor([lm_sum, lm_tokens, sum(part.get("mtp", 0.0) for part in parts), sum(part.get("seq_balance", 0.0) for part in parts)],
+                        dtype=torch.float64)
+    replicas = 1
+    if data_parallel_group is not None and data_parallel_group.size() > 1:
+        torch.distributed.all_reduce(sums, group=data_parallel_group)
+        replicas = data_parallel_group.size()
+    microbatches = num_microbatches * replicas
+    record = {"lm_loss": float(sums[0] / sums[1])}
     if any("mtp" in part for part in parts):
-        record["mtp_loss"] = sum(part.get("mtp", 0.0) for part in parts) / (num_microbatches * config.mtp_num_layers)
+        record["mtp_loss"] = float(sums[2]) / (microbatches * config.mtp_num_layers)
     if any("seq_balance" in part for part in parts):
         # report alpha * the mean over layers and micro-batches
         moe_layers = sum(moe_layer_pattern(config)) + (config.mtp_num_layers or 0)
-        seq = sum(part.get("seq_balance", 0.0) for part in parts)
-        record["seq_balance_loss"] = seq / num_microbatches / moe_layers * config.moe_aux_loss_coeff
+        record["seq_balance_loss"] = float(sums[3]) / microbatches / moe_layers * config.moe_aux_loss_coeff
     loads = {}
     for part in parts:
         loads.update(part["loads"])
@@ -301,10 +308,9 @@ def train(args: TrainArgs) -> dict | None:
     config.no_sync_func = [chunk.no_sync for chunk in chunks] if len(chunks) > 1 else chunks[0].no_sync
     config.finalize_model_grads_func = finalize_model_grads_with_load
     forward_backward = forward_backward_no_pipelining if args.pipeline_schedule == "none" else EXECUTORS[args.pipeline_schedule]
-    mirrored = args.pipeline_schedule == "dualpipe"
 
     params = [p for chunk in chunks for p in chunk.parameters() if p.requires_grad]  # each once: see layout.py
-    norm_params = [p for p in chunks[0].parameters() if p.requires_grad] if mirrored else params  # a mirror counts once
+    norm_params = [p for p in params if param_is_not_shared(p)]  # DualPipe: a stage's mirror counts once
     param_groups = decay_param_groups(torch.nn.ModuleList(chunks), args.weight_decay)
     if args.bf16_moments:
         optimizer = AdamWLowPrecisionMoments(param_groups, lr=args.lr, betas=args.adam_betas, moments_dtype=torch.bfloat16)
@@ -325,17 +331,10 @@ def train(args: TrainArgs) -> dict | None:
     )
     ema_names = named_trainable_parameters([chunk.module for chunk in chunks])
     ema = ParameterEMA(ema_names, args.ema_decay, optimizer=optimizer) if args.ema_decay is not None else None
-    state = checkpoint.TrainingState(chunks, optimizer, scheduler, ema, ema_names, mirrored)
+    state = checkpoint.TrainingState(chunks, optimizer, scheduler, ema, ema_names)
 
     dp_size = parallel_state.get_data_parallel_world_size()
     global_batch = args.micro_batch_size * args.num_microbatches * dp_size
-    train_set, _ = build_datasets(
-        run_dir.parent / ".corpus-cache", config.seq_length, args.steps * global_batch, global_batch, args.seed, args.corpus_bytes
-    )
-    sampler = torch.utils.data.DistributedSampler(
-        train_set, num_replicas=dp_size, rank=parallel_state.get_data_parallel_rank(), shuffle=False
-    )
-    data_iterator = infinite(torch.utils.data.DataLoader(train_set, batch_size=args.micro_batch_size, sampler=sampler))
     tokens_per_step = global_batch * config.seq_length
     total_tokens = args.steps * tokens_per_step
     run_settings = _run_settings(args, config, dp_size)
@@ -344,8 +343,20 @@ def train(args: TrainArgs) -> dict | None:
     if args.resume:
         progress = checkpoint.load(checkpoints, state, run_settings)
         first_step = progress["step"] + 1
-        # the data order is fixed by the seed: skip the micro-batches the saved steps consumed
-        data_iterator = itertools.islice(data_iterator, progress["step"] * args.num_microbatches, None)
+
+    # The data order is fixed by the seed: a resumed run starts after the samples the saved
+    # steps consumed. The loader draws from its own generator, not the restored global RNG.
+    train_set, _ = build_datasets(
+        run_dir.parent / ".corpus-cache", config.seq_length, args.steps * global_batch, global_batch, args.seed, args.corpus_bytes
+    )
+    unconsumed = torch.utils.data.Subset(train_set, range((first_step - 1) * global_batch, len(train_set)))
+    sampler = torch.utils.data.DistributedSampler(
+        unconsumed, num_replicas=dp_size, rank=parallel_state.get_data_parallel_rank(), shuffle=False
+    )
+    loader = torch.utils.data.DataLoader(
+        unconsumed, batch_size=args.micro_batch_size, sampler=sampler, generator=torch.Generator().manual_seed(args.seed)
+    )
+    data_iterator = infinite(loader)
 
     log = MetricsLog(run_dir, keep_steps_up_to=first_step - 1) if is_logger else None
     if is_logger:
@@ -389,7 +400,8 @@ def train(args: TrainArgs) -> dict | None:
             "gamma": config.moe_router_bias_update_rate,
             "mtp_lambda": config.mtp_loss_scaling_factor,
             "grad_norm": grad_norm,
-            **step_metrics(losses, config, chunks, args.num_microbatches, pipeline_group),
+            **step_metrics(losses, config, chunks, args.num_microbatches, pipeline_group,
+                           parallel_state.get_data_parallel_group()),
         }
         if is_logger:
             log.write(record)

@@ -36,7 +36,8 @@ class MetricsLog:
             kept = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
             self.records = [record for record in kept if record["step"] <= keep_steps_up_to]
         self.path.write_text("".join(json.dumps(record) + "\n" for record in self.records))
-        self.tensorboard = open_tensorboard_writer(run_dir / "tensorboard", tensorboard)
+        # a resumed run's events replace those written after its checkpoint
+        self.tensorboard = open_tensorboard_writer(run_dir / "tensorboard", tensorboard, purge_step=keep_steps_up_to + 1 if keep_steps_up_to else None)
 
     def write(self, record: dict) -> None:
         self.records.append(record)
@@ -50,7 +51,7 @@ class MetricsLog:
             self.tensorboard.close()
 
 
-def open_tensorboard_writer(log_dir: Path, tensorboard: bool | Literal["auto"]):
+def open_tensorboard_writer(log_dir: Path, tensorboard: bool | Literal["auto"], purge_step: int | None = None):
     """A `torch.utils.tensorboard.SummaryWriter` on `log_dir`, or None (False, or "auto" without the package)."""
     if not (tensorboard is True or tensorboard is False or tensorboard == "auto"):
         raise ValueError(f'tensorboard={tensorboard!r}: expected True, False or "auto". Fix: pass one of those.')
@@ -66,7 +67,7 @@ def open_tensorboard_writer(log_dir: Path, tensorboard: bool | Literal["auto"]):
             f"tensorboard=True but TensorBoard is not importable ({error}). Fix: pip install tensorboard, "
             'or pass tensorboard="auto" (TensorBoard when installed) or False.'
         ) from error
-    return SummaryWriter(log_dir=str(log_dir))
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
 
 def write_tensorboard_record(writer, record: dict) -> None:

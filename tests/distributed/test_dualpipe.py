@@ -145,6 +145,7 @@ def _pipeline_main(rank: int, port: int, schedule_name: str, pp_size: int, num_l
     torch.distributed.init_process_group("gloo")
     parallel_state.initialize_model_parallel(pipeline_model_parallel_size=pp_size, get_embedding_ranks=layout.dualpipev_embedding_ranks)
     config = _config(num_layers, pp_size)
+    config.deallocate_pipeline_outputs = True  # as Megatron-LM runs: sent outputs keep only their grad_fn
     cpu.enable(config)
     seed_everything(0)
     build = layout.dualpipev_chunks if schedule_name == "dualpipev" else layout.dualpipe_chunks

@@ -7,6 +7,8 @@ same data, same seed. The reference is the one-process loop.
     pipelined runs equal the reference's. Bit-identity holds for the first steps; later,
     gradients that sum in another order (the embedding's, used by two chunks; the norm summed
     over ranks) can move the weights by an ulp, so losses are compared at 1e-6 relative.
+  - DualPipe on 2 processes: the same loss curve, and a resume from a checkpoint of its
+    mirrored stages that reproduces its records exactly.
   - Resume: a 2-process DualPipeV run saving every 2 steps is killed (SIGKILL, rank 0) right
     after its second save has written all its data but before it is committed. The step-2
     checkpoint must still be the latest, the killed one left as `.incomplete`; resuming
@@ -67,6 +69,7 @@ def test_dualpipev_loss_curve_matches_single_process(runs, processes):
         assert got["expert_load"].keys() == want["expert_load"].keys()
         identical += got["lm_loss"] == want["lm_loss"]
     assert pipelined[0]["lm_loss"] == reference[0]["lm_loss"]  # the first step is bit-identical
+    assert pipelined[0]["expert_load"] == reference[0]["expert_load"]  # every layer's tokens per expert
     print(f"P={processes}: {identical}/{STEPS} steps with a bit-identical LM loss")
     assert (run_dir / "pipeline_timeline.png").stat().st_size > 10_000
 
@@ -94,3 +97,19 @@ def test_resume_rejects_a_different_batch_shape(runs, tmp_path):
     rejected = _run(run_dir, 1, "--save-interval", "3", "--resume", "--micro-batch-size", "4", check=False)
     assert rejected.returncode != 0
     assert "saved with micro_batch_size=2, this run has micro_batch_size=4" in rejected.stderr
+
+
+def test_dualpipe_trains_like_the_single_process_and_resumes_bit_identically(runs, tmp_path):
+    """DualPipe's mirrored stages through the loop: the loss curve of the single process (the
+    mirrors' gradients are summed, counted once in the norm), and checkpoints that write each
+    stage once and read it into both copies."""
+    run_dir = tmp_path / "dualpipe"
+    pipeline = ("--pipeline-schedule", "dualpipe", "--pp", "2", "--save-interval", "2")
+    _run(run_dir, 2, *pipeline)
+    uninterrupted = _records(run_dir)
+    for want, got in zip(_records(runs / "single"), uninterrupted):
+        for key in ("lm_loss", "mtp_loss"):
+            assert got[key] == pytest.approx(want[key], rel=1e-6), (got["step"], key)
+    (run_dir / "checkpoints" / "latest").write_text("2")  # as if the run had stopped after step 2
+    _run(run_dir, 2, *pipeline, "--resume")
+    assert _records(run_dir) == uninterrupted

@@ -77,13 +77,19 @@ def test_update_returns_before_the_fold_and_folds_the_snapshot_not_later_values(
     torch.testing.assert_close(ema.state_dict()["averages"]["w"], torch.full((5,), 50.5), rtol=0, atol=0)
 
 
-def test_state_dict_round_trip_is_exact():
+def _ema_after_three_updates():
+    """(chunks, their named parameters, an EMA updated with the parameters set to 1, 2, 3)."""
     chunks = two_chunks()
     params = named_trainable_parameters(chunks)
     ema = ParameterEMA(chunks, decay=DECAY)
     for step in range(1, 4):
         set_parameters(params, step)
         ema.update()
+    return chunks, params, ema
+
+
+def test_state_dict_round_trip_is_exact():
+    chunks, params, ema = _ema_after_three_updates()
     saved = ema.state_dict()
 
     restored = ParameterEMA(chunks, decay=DECAY)
@@ -109,12 +115,7 @@ def test_load_state_dict_rejects_another_model_or_decay():
 
 
 def test_swapped_in_puts_the_average_in_and_restores_training_weights_bit_exactly():
-    chunks = two_chunks()
-    params = named_trainable_parameters(chunks)
-    ema = ParameterEMA(chunks, decay=DECAY)
-    for step in range(1, 4):
-        set_parameters(params, step)
-        ema.update()
+    chunks, params, ema = _ema_after_three_updates()
     training = {name: p.detach().clone() for name, p in params.items()}
     averages = ema.state_dict()["averages"]
 

@@ -197,8 +197,12 @@ PROXY = ["--dsv3-preset", "proxy", "--micro-batch-size", "4", "--global-batch-si
         (16, ["--global-batch-size", "100"], "--global-batch-size=100 is not divisible by --micro-batch-size=4 x data-parallel size 2"),
         (16, ["--pipeline-schedule", "dualpipev", "--global-batch-size", "48"],  # checked before Megatron's 12 % 8
          "--pipeline-schedule=dualpipev with --pipeline-model-parallel-size=8 and 6 micro-batches"),
-        (16, ["--pipeline-schedule", "dualpipev", "--num-layers", "8", "--moe-layer-freq", "[0]+[1]*7"],
+        (16, ["--pipeline-schedule", "dualpipev", "--num-layers", "8", "--moe-layer-freq", "[0]+[1]*7",
+              "--no-gradient-accumulation-fusion"],
          "gives stages of [1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0] layers"),
+        (16, ["--pipeline-schedule", "dualpipev"], "--pipeline-schedule=dualpipev defers the local linears' weight "
+                                                   "gradients (megatron_dsv3.pipeline.weight_grad), which Megatron's fused "
+                                                   "gradient accumulation cannot. Fix: add --no-gradient-accumulation-fusion"),
     ],
 )
 def test_impossible_layouts_name_the_flags(monkeypatch, capsys, world_size, extra, message):

@@ -27,7 +27,7 @@ RECORD = {
 
 
 class FakeSummaryWriter:
-    def __init__(self, log_dir):
+    def __init__(self, log_dir, purge_step=None):
         self.log_dir = log_dir
         self.scalars, self.histograms, self.closed = {}, {}, False
 
