@@ -39,9 +39,10 @@ Sends are non-blocking and receives block (comm.py), so a rank waits only for wh
 action needs; the orders are deadlock-free under that rule (simulate.py replays them).
 
 Timeline. Inside `record_timeline()` every rank records each action's wall-clock start and
-end; `TimelineRecorder.timeline(group)` gathers them into a
-`simulate.Timeline`, the type the simulator returns, for the same bubble / activation
-measures and `plot_timeline`.
+end on the host; `TimelineRecorder.timeline(group)` gathers them into a `simulate.Timeline`,
+the type the simulator returns, for the same bubble / activation measures and
+`plot_timeline`. On GPU the host times are those of kernel launches unless something
+synchronises (a blocking receive does); on CPU they are the work itself.
 
 The executor gives each chunk's local linears the deferrable forward at the start of a run
 (`enable_weight_grad_deferral`, idempotent). Deferred weight gradients reach DDP's main_grad
