@@ -50,7 +50,7 @@ def _records(run_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
-    _run(root / "single", 1)
+    _run(root / "single", 1, "--save-interval", "3")  # saving changes no number; the last test resumes it
     _run(root / "pp2", 2, "--pipeline-schedule", "dualpipev", "--pp", "2")
     return root
 
@@ -91,10 +91,8 @@ def test_killed_save_leaves_the_last_checkpoint_and_resume_is_bit_identical(runs
     assert (checkpoints / "latest").read_text() == str(STEPS)
 
 
-def test_resume_rejects_a_different_batch_shape(runs, tmp_path):
-    run_dir = tmp_path / "other"
-    _run(run_dir, 1, "--save-interval", "3")
-    rejected = _run(run_dir, 1, "--save-interval", "3", "--resume", "--micro-batch-size", "4", check=False)
+def test_resume_rejects_a_different_batch_shape(runs):
+    rejected = _run(runs / "single", 1, "--save-interval", "3", "--resume", "--micro-batch-size", "4", check=False)
     assert rejected.returncode != 0
     assert "saved with micro_batch_size=2, this run has micro_batch_size=4" in rejected.stderr
 
