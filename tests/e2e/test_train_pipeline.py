@@ -4,7 +4,8 @@ processes against the single-process run, and checkpoints that survive a kill.
 Same model (tiny: MLA + MoE + MTP, 8 layers so that P = 4 has one per stage of its 2P),
 same data, same seed. The reference is the one-process loop.
   - Loss curves: per step, the LM and MTP losses and every layer's tokens per expert of the
-    pipelined runs equal the reference's. Bit-identity holds for the first steps; later,
+    pipelined runs (2 and 4 processes, and 2 data-parallel replicas of a 2-rank pipeline)
+    equal the reference's. Bit-identity holds for the first step of one replica; later,
     gradients that sum in another order (the embedding's, used by two chunks; the norm summed
     over ranks) can move the weights by an ulp, so losses are compared at 1e-6 relative.
   - DualPipe on 2 processes: the same loss curve, and a resume from a checkpoint of its
@@ -55,11 +56,13 @@ def runs(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("processes", [2, 4])
-def test_dualpipev_loss_curve_matches_single_process(runs, processes):
-    run_dir = runs / f"pp{processes}"
-    if processes != 2:
-        _run(run_dir, processes, "--pipeline-schedule", "dualpipev", "--pp", str(processes))
+# (processes, pipeline size): PP 2, PP 4, and DP 2 x PP 2 (each replica 4 of the 8 micro-batches)
+@pytest.mark.parametrize("processes, pp", [(2, 2), (4, 4), (4, 2)])
+def test_dualpipev_loss_curve_matches_single_process(runs, processes, pp):
+    run_dir = runs / f"pp{pp}" if processes == pp else runs / f"dp{processes // pp}pp{pp}"
+    if (processes, pp) != (2, 2):
+        microbatches = str(8 * pp // processes)  # the same global batch
+        _run(run_dir, processes, "--pipeline-schedule", "dualpipev", "--pp", str(pp), "--num-microbatches", microbatches)
     reference, pipelined = _records(runs / "single"), _records(run_dir)
     assert [r["step"] for r in pipelined] == list(range(1, STEPS + 1))
     identical = 0
@@ -68,9 +71,10 @@ def test_dualpipev_loss_curve_matches_single_process(runs, processes):
             assert got[key] == pytest.approx(want[key], rel=1e-6), (got["step"], key)
         assert got["expert_load"].keys() == want["expert_load"].keys()
         identical += got["lm_loss"] == want["lm_loss"]
-    assert pipelined[0]["lm_loss"] == reference[0]["lm_loss"]  # the first step is bit-identical
+    if processes == pp:  # one replica: the first step is bit-identical (DP adds its losses in another order)
+        assert pipelined[0]["lm_loss"] == reference[0]["lm_loss"]
     assert pipelined[0]["expert_load"] == reference[0]["expert_load"]  # every layer's tokens per expert
-    print(f"P={processes}: {identical}/{STEPS} steps with a bit-identical LM loss")
+    print(f"{processes} processes, P={pp}: {identical}/{STEPS} steps with a bit-identical LM loss")
     assert (run_dir / "pipeline_timeline.png").stat().st_size > 10_000
 
 
