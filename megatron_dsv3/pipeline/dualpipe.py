@@ -86,7 +86,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel.schedules import backward_step, check_first_val_step, deallocate_output_tensor, forward_step
 from megatron.core.transformer.moe.router import TopKRouter
-from megatron.core.utils import get_model_config, get_pg_size
+from megatron.core.utils import get_attr_wrapped_model, get_model_config, get_pg_size
 
 from megatron_dsv3.pipeline import schedule
 from megatron_dsv3.pipeline.comm import ACTIVATION, GRADIENT, NeighbourP2P
@@ -293,12 +293,10 @@ def sequential_forward_backward(*, forward_step_func, data_iterator, f_model, nu
 
 def _overlap_hook(chunk) -> Callable | None:
     """The `overlapped_forward_backward` of the chunk's module under its wrappers (DDP), if any."""
-    module = chunk
-    while not hasattr(module, "overlapped_forward_backward"):
-        if not hasattr(module, "module"):
-            return None
-        module = module.module
-    return module.overlapped_forward_backward
+    try:
+        return get_attr_wrapped_model(chunk, "overlapped_forward_backward")
+    except RuntimeError:  # Megatron's lookup raises when no wrapped module has it
+        return None
 
 
 class TimelineRecorder:

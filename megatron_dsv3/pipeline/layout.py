@@ -223,8 +223,8 @@ def _copy_from_full(chunk: GPTModel, full: GPTModel, layer_offset: int) -> None:
 
 def dualpipev_chunks(config, pp_rank: int, pp_size: int, layers_per_stage=None, init_as_single_process: bool = True) -> list[GPTModel]:
     """Rank `pp_rank`'s two DualPipeV chunks: [stage pp_rank, stage 2P-1-pp_rank] of 2P stages."""
-    stages = (pp_rank, 2 * pp_size - 1 - pp_rank)
-    return _two_chunks(config, pp_rank, pp_size, stages, 2 * pp_size, layers_per_stage, init_as_single_process)
+    stages, num_stages = chunk_stages("dualpipev", pp_rank, pp_size)
+    return _two_chunks(config, pp_rank, pp_size, stages, num_stages, layers_per_stage, init_as_single_process)
 
 
 def dualpipe_chunks(config, pp_rank: int, pp_size: int, layers_per_stage=None, init_as_single_process: bool = True) -> list[GPTModel]:
@@ -232,8 +232,8 @@ def dualpipe_chunks(config, pp_rank: int, pp_size: int, layers_per_stage=None, i
     direction 1] of P stages; rank P-1-pp_rank holds their mirrors."""
     if pp_size % 2:
         raise ValueError(f"pp_size={pp_size}: DualPipe needs an even pipeline size (two directions meet in the middle). Fix: use an even pipeline_model_parallel_size, or DualPipeV.")
-    stages = (pp_rank, pp_size - 1 - pp_rank)
-    chunks = _two_chunks(config, pp_rank, pp_size, stages, pp_size, layers_per_stage, init_as_single_process)
+    stages, num_stages = chunk_stages("dualpipe", pp_rank, pp_size)
+    chunks = _two_chunks(config, pp_rank, pp_size, stages, num_stages, layers_per_stage, init_as_single_process)
     if not init_as_single_process:
         _copy_mirrors(chunks)
     # Chunk 1 is the mirror: checkpoints write its stage from the other copy, and gradient
