@@ -1,21 +1,32 @@
-"""Presets for DeepSeek-V3-style models and config-time validation (PAPER.md §1).
+"""Presets for DeepSeek-V3-style models and config-time validation (DeepSeek-V3 report §4.2).
 
 `preset(name, **overrides)` returns a `DeepSeekV3Config`, a subclass of Megatron's
 `MLATransformerConfig` that adds the fields Megatron keeps elsewhere (vocab size, sequence
 length) and the paper's token schedules for gamma and lambda. Every config is validated
 when it is built: an impossible combination raises `ConfigError` naming the field, the value
 and the fix, before Megatron's own (terser) assertions and before any work starts.
+
+Validation is one function per section of the report (`VALIDATORS`, run in order by
+`validate`). Each reads only the fields named in its docstring, by attribute, so any object
+with those attributes can be checked, not only a `DeepSeekV3Config`.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass
 
 import torch
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
-FP8_TILE = 128  # PAPER.md §5: 1x128 activation tiles, 128x128 weight blocks
+# DeepSeek-V3 report §3.3: 1x128 activation tiles, 128x128 weight blocks.
+FP8_TILE = 128
+# The backends of our blockwise FP8 GEMM (`fp8.blockwise_gemm`), and the config's choices for
+# `fp8_blockwise`: those, or "te" for Transformer Engine's own blockwise recipe.
+FP8_GEMM_BACKENDS = ("emulate", "scaled_mm", "auto")
+FP8_BLOCKWISE_BACKENDS = ("te", *FP8_GEMM_BACKENDS)
 
 
 class ConfigError(ValueError):
@@ -53,13 +64,17 @@ class StepSchedule:
         return value
 
 
-# PAPER.md §3: gamma = 0.001 for the first 14.3T of 14.8T tokens, then 0.
+# DeepSeek-V3 report §4.2: gamma = 0.001 for the first 14.3T of 14.8T tokens, then 0.
 PAPER_GAMMA_SCHEDULE = StepSchedule(((0.0, 0.001), (14.3 / 14.8, 0.0)))
-# PAPER.md §4: lambda = 0.3 for the first 10T of 14.8T tokens, then 0.1.
+# DeepSeek-V3 report §4.2: lambda = 0.3 for the first 10T of 14.8T tokens, then 0.1.
 PAPER_MTP_LAMBDA_SCHEDULE = StepSchedule(((0.0, 0.3), (10.0 / 14.8, 0.1)))
+# The constant Megatron reads each step -> the schedule that sets it (`apply_token_schedules`).
+SCHEDULED_FIELDS = {
+    "moe_router_bias_update_rate": "bias_update_rate_schedule",
+    "mtp_loss_scaling_factor": "mtp_loss_scaling_schedule",
+}
 
 DISPATCHERS_ON_CPU = ("allgather",)
-FP8_BLOCKWISE_BACKENDS = ("te", "emulate", "scaled_mm", "auto")
 TORCH_DTYPE_FIELDS = ("params_dtype", "pipeline_dtype", "autocast_dtype")  # not moe_router_dtype: a string
 
 
@@ -70,7 +85,7 @@ class DeepSeekV3Config(MLATransformerConfig):
     vocab_size: int = 129280
     seq_length: int = 4096
     share_embeddings_and_output_weights: bool = False  # DeepSeek-V3 unties them
-    # PAPER.md §5 FP8 with 1x128 / 128x128 tiles, and which GEMM runs it: "te" (TE's
+    # FP8 with 1x128 / 128x128 tiles (DeepSeek-V3 report §3.3), and which GEMM runs it: "te" (TE's
     # Float8BlockScaling recipe; sets fp8="e4m3", fp8_recipe="blockwise"), or on the local
     # backend our FP8 Linear with "emulate" (any device), "scaled_mm" (Hopper) or "auto".
     # None trains in high precision.
@@ -96,11 +111,6 @@ class DeepSeekV3Config(MLATransformerConfig):
                 consumed_tokens, total_tokens
             )
 
-    @property
-    def first_k_dense(self) -> int:
-        pattern = moe_layer_pattern(self)
-        return pattern.index(1) if 1 in pattern else self.num_layers
-
 
 def moe_layer_pattern(config: MLATransformerConfig) -> list[int]:
     """1 for an MoE layer, 0 for a dense one, as Megatron reads `moe_layer_freq`."""
@@ -112,9 +122,15 @@ def moe_layer_pattern(config: MLATransformerConfig) -> list[int]:
     return list(freq)
 
 
-def first_k_dense(num_layers: int, k: int) -> list[int]:
-    """`moe_layer_freq` for 'the first k layers dense, the rest MoE' (PAPER.md §1)."""
+def first_k_dense_freq(num_layers: int, k: int) -> list[int]:
+    """`moe_layer_freq` for 'the first k layers dense, the rest MoE' (DeepSeek-V3 report §4.2)."""
     return [0] * k + [1] * (num_layers - k)
+
+
+def num_dense_prefix(pattern: list[int]) -> int:
+    """How many dense layers come before the first MoE layer of a 0/1 layer pattern (the k of
+    `first_k_dense_freq`; all of them when there is no MoE layer)."""
+    return pattern.index(1) if 1 in pattern else len(pattern)
 
 
 _COMMON = dict(
@@ -123,8 +139,8 @@ _COMMON = dict(
     gated_linear_unit=True,
     activation_func=torch.nn.functional.silu,
     add_bias_linear=False,
-    qk_layernorm=True,  # the RMSNorms after c^Q and c^KV (PAPER.md §1)
-    rope_type="rope",  # 4K pre-training; YaRN is the context extension (PAPER.md §1)
+    qk_layernorm=True,  # the RMSNorms after c^Q and c^KV (DeepSeek-V3 report §4.2)
+    rope_type="rope",  # 4K pre-training; YaRN is the context extension (DeepSeek-V3 report §4.3)
     rotary_base=10000,
     attention_dropout=0.0,
     hidden_dropout=0.0,
@@ -137,19 +153,19 @@ _COMMON = dict(
 _DEEPSEEK_V3_ROUTER = dict(
     moe_router_score_function="sigmoid",
     moe_router_enable_expert_bias=True,
-    moe_router_bias_update_rate=0.001,
     moe_router_load_balancing_type="seq_aux_loss",
     moe_aux_loss_coeff=1e-4,
     moe_router_topk_scaling_factor=2.5,
     moe_router_pre_softmax=True,
 )
 
-# PAPER.md §1, the 671B model.
+# DeepSeek-V3 report §4.2, the 671B model. gamma and lambda are the default schedules' first
+# values (`preset` sets them).
 _DEEPSEEK_V3 = dict(
     **_COMMON,
     **_DEEPSEEK_V3_ROUTER,
     num_layers=61,
-    moe_layer_freq=first_k_dense(61, 3),
+    moe_layer_freq=first_k_dense_freq(61, 3),
     hidden_size=7168,
     ffn_hidden_size=18432,
     num_attention_heads=128,
@@ -165,7 +181,6 @@ _DEEPSEEK_V3 = dict(
     moe_router_num_groups=8,
     moe_router_group_topk=4,
     mtp_num_layers=1,
-    mtp_loss_scaling_factor=0.3,
     init_method_std=0.006,
     vocab_size=129280,
     seq_length=4096,
@@ -180,7 +195,7 @@ PRESETS: dict[str, dict] = {
     "deepseek-v2-lite": dict(
         **_COMMON,
         num_layers=27,
-        moe_layer_freq=first_k_dense(27, 1),
+        moe_layer_freq=first_k_dense_freq(27, 1),
         hidden_size=2048,
         ffn_hidden_size=10944,
         num_attention_heads=16,
@@ -211,7 +226,7 @@ PRESETS: dict[str, dict] = {
         **_DEEPSEEK_V3,
         **dict(
             num_layers=12,
-            moe_layer_freq=first_k_dense(12, 1),
+            moe_layer_freq=first_k_dense_freq(12, 1),
             hidden_size=1024,
             ffn_hidden_size=4096,
             num_attention_heads=16,
@@ -227,7 +242,7 @@ PRESETS: dict[str, dict] = {
         **_DEEPSEEK_V3,
         **dict(
             num_layers=3,
-            moe_layer_freq=first_k_dense(3, 1),
+            moe_layer_freq=first_k_dense_freq(3, 1),
             hidden_size=64,
             ffn_hidden_size=192,
             num_attention_heads=4,
@@ -247,7 +262,6 @@ PRESETS: dict[str, dict] = {
             seq_length=128,
             # A CPU run of a few hundred steps, not 100K+: the bias must cross the O(1) spread of
             # sigmoid affinities within tens of steps, so gamma is 10x the paper's (same shape).
-            moe_router_bias_update_rate=0.01,
             bias_update_rate_schedule=StepSchedule(((0.0, 0.01), (14.3 / 14.8, 0.0))),
             transformer_impl="local",
             moe_token_dispatcher_type="allgather",
@@ -255,7 +269,7 @@ PRESETS: dict[str, dict] = {
         ),
     },
 }
-# tiny widened so every GEMM's inner dimension is whole 128-wide tiles, in emulated FP8 (PAPER §5)
+# tiny widened so every GEMM's inner dimension is whole 128-wide tiles, in emulated FP8 (DeepSeek-V3 report §3.3)
 PRESETS["tiny-fp8"] = {
     **PRESETS["tiny"],
     **dict(
@@ -274,12 +288,18 @@ PRESETS["tiny-fp8"] = {
 
 
 def preset(name: str, **overrides) -> DeepSeekV3Config:
-    """The named preset with `overrides` applied, validated."""
+    """The named preset with `overrides` applied, validated.
+
+    A scheduled constant (`SCHEDULED_FIELDS`) that neither the row nor `overrides` gives is the
+    first value of its schedule: the one in `overrides`, else the preset's own (so switching a
+    schedule off keeps its starting value as the constant). A constant that is given must agree
+    with a schedule that is set (`validate_schedules`).
+    """
     if name not in PRESETS:
         raise ConfigError("name", name, "no such preset", f"use one of {sorted(PRESETS)}")
-    known = {f.name for f in dataclasses.fields(DeepSeekV3Config)}
+    defaults = {f.name: f.default for f in dataclasses.fields(DeepSeekV3Config)}
     for key in overrides:
-        if key not in known:
+        if key not in defaults:
             raise ConfigError(
                 key, overrides[key], "not a field of DeepSeekV3Config / MLATransformerConfig",
                 "check the spelling against megatron.core's TransformerConfig",
@@ -290,14 +310,28 @@ def preset(name: str, **overrides) -> DeepSeekV3Config:
             overrides[key] = getattr(torch, value)
     fields = {**PRESETS[name], **overrides, "preset_name": name}
     if "num_layers" in overrides and "moe_layer_freq" not in overrides:
-        k = first_k_dense_count(PRESETS[name])
-        fields["moe_layer_freq"] = first_k_dense(overrides["num_layers"], min(k, overrides["num_layers"]))
+        k = num_dense_prefix(PRESETS[name]["moe_layer_freq"])
+        fields["moe_layer_freq"] = first_k_dense_freq(overrides["num_layers"], min(k, overrides["num_layers"]))
+    for constant, schedule_name in SCHEDULED_FIELDS.items():
+        schedule = fields.get(schedule_name)
+        if schedule is None:
+            schedule = PRESETS[name].get(schedule_name, defaults[schedule_name])
+        if constant not in fields and schedule is not None:
+            fields[constant] = schedule.steps[0][1]
     return DeepSeekV3Config(**fields)
 
 
-def first_k_dense_count(fields: dict) -> int:
-    freq = fields["moe_layer_freq"]
-    return freq.index(1) if 1 in freq else len(freq)
+def parse_override(text: str) -> tuple[str, object]:
+    """A command line's `--set FIELD=JSON`, as (field, value) for `preset(name, **overrides)`
+    (an argparse `type`: a malformed one is a usage error naming the option)."""
+    field_name, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--set {text!r}: expected FIELD=JSON, e.g. --set moe_router_topk=4")
+    try:
+        return field_name, json.loads(value)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"--set {text!r}: the value is not JSON ({error}); quote strings: "
+                                         "--set 'rope_type=\"yarn\"'") from error
 
 
 def _check(ok: bool, field_name: str, value, rule: str, fix: str) -> None:
@@ -305,18 +339,39 @@ def _check(ok: bool, field_name: str, value, rule: str, fix: str) -> None:
         raise ConfigError(field_name, value, rule, fix)
 
 
-def validate(c: DeepSeekV3Config) -> None:
-    """Reject impossible combinations with the field, the value and the fix."""
+def validate_basics(c) -> None:
+    """Sizes every model needs. Reads num_layers, vocab_size, seq_length."""
     _check(c.num_layers >= 1, "num_layers", c.num_layers, "needs at least one layer", "set num_layers >= 1")
     _check(c.vocab_size >= 2, "vocab_size", c.vocab_size, "needs at least two tokens", "set vocab_size to the tokenizer's size")
     _check(c.seq_length >= 2, "seq_length", c.seq_length, "a next-token loss needs 2 or more tokens", "set seq_length >= 2")
+
+
+def validate_parallelism(c) -> None:
+    """The parallel layout fits the model: TP divides the heads, EP divides the experts.
+
+    Reads tensor_model_parallel_size, num_attention_heads, num_moe_experts, and
+    expert_model_parallel_size when there are experts.
+    """
     _check(
         c.num_attention_heads % c.tensor_model_parallel_size == 0,
         "num_attention_heads", c.num_attention_heads,
         f"not divisible by tensor_model_parallel_size={c.tensor_model_parallel_size}",
         "choose a TP size that divides the heads",
     )
-    # MLA (PAPER.md §2)
+    if c.num_moe_experts:
+        _check(
+            c.num_moe_experts % c.expert_model_parallel_size == 0,
+            "expert_model_parallel_size", c.expert_model_parallel_size,
+            f"does not divide num_moe_experts={c.num_moe_experts}", "choose an EP size that divides the experts",
+        )
+
+
+def validate_mla(c) -> None:
+    """Multi-head latent attention (DeepSeek-V3 report §2.1.1).
+
+    Reads qk_pos_emb_head_dim, qk_head_dim, v_head_dim, kv_lora_rank, q_lora_rank,
+    num_attention_heads.
+    """
     _check(
         c.qk_pos_emb_head_dim > 0 and c.qk_pos_emb_head_dim % 2 == 0,
         "qk_pos_emb_head_dim", c.qk_pos_emb_head_dim,
@@ -337,63 +392,73 @@ def validate(c: DeepSeekV3Config) -> None:
         "the query latent must be positive and smaller than the queries it compresses",
         "use None for no query compression or a rank like the paper's 1536",
     )
-    # DeepSeekMoE (PAPER.md §3)
+
+
+def validate_moe(c) -> None:
+    """DeepSeekMoE layers and their routing (DeepSeek-V3 report §2.1.2).
+
+    Reads num_layers, moe_layer_freq, num_moe_experts, and when there are experts
+    moe_router_topk, moe_expert_capacity_factor, moe_router_num_groups, moe_router_group_topk,
+    moe_router_enable_expert_bias, moe_router_score_function, moe_aux_loss_coeff.
+    """
     pattern = moe_layer_pattern(c)
     _check(
         len(pattern) == c.num_layers and set(pattern) <= {0, 1},
         "moe_layer_freq", c.moe_layer_freq,
         f"must give 0 (dense) or 1 (MoE) for each of the {c.num_layers} layers",
-        "use first_k_dense(num_layers, k)",
+        "use first_k_dense_freq(num_layers, k)",
     )
-    if c.num_moe_experts:
-        E, K = c.num_moe_experts, c.moe_router_topk
-        _check(0 < K <= E, "moe_router_topk", K, f"must be between 1 and num_moe_experts={E}", f"set moe_router_topk <= {E}")
+    if not c.num_moe_experts:
+        return
+    E, K = c.num_moe_experts, c.moe_router_topk
+    _check(0 < K <= E, "moe_router_topk", K, f"must be between 1 and num_moe_experts={E}", f"set moe_router_topk <= {E}")
+    _check(
+        c.moe_expert_capacity_factor is None,
+        "moe_expert_capacity_factor", c.moe_expert_capacity_factor,
+        "the paper drops no token in training or inference", "leave it None",
+    )
+    groups, group_topk = c.moe_router_num_groups, c.moe_router_group_topk
+    _check(
+        (groups is None) == (group_topk is None),
+        "moe_router_group_topk", group_topk,
+        f"node-limited routing needs both moe_router_num_groups (={groups}) and moe_router_group_topk",
+        "set both (paper: 8 groups, top-4) or neither",
+    )
+    if groups is not None:
+        _check(E % groups == 0, "moe_router_num_groups", groups, f"does not divide num_moe_experts={E}", "choose a group count that divides the experts")
         _check(
-            c.moe_expert_capacity_factor is None,
-            "moe_expert_capacity_factor", c.moe_expert_capacity_factor,
-            "the paper drops no token in training or inference", "leave it None",
+            0 < group_topk <= groups, "moe_router_group_topk", group_topk,
+            f"must be between 1 and moe_router_num_groups={groups}", f"set moe_router_group_topk <= {groups}",
         )
         _check(
-            E % c.expert_model_parallel_size == 0,
-            "expert_model_parallel_size", c.expert_model_parallel_size,
-            f"does not divide num_moe_experts={E}", "choose an EP size that divides the experts",
+            K % group_topk == 0, "moe_router_topk", K,
+            f"is not divisible over moe_router_group_topk={group_topk} chosen groups "
+            "(each group is scored by its top topk/group_topk affinities)",
+            "make topk a multiple of group_topk (paper: 8 over 4)",
         )
-        groups, group_topk = c.moe_router_num_groups, c.moe_router_group_topk
         _check(
-            (groups is None) == (group_topk is None),
-            "moe_router_group_topk", group_topk,
-            f"node-limited routing needs both moe_router_num_groups (={groups}) and moe_router_group_topk",
-            "set both (paper: 8 groups, top-4) or neither",
+            K // group_topk <= E // groups, "moe_router_topk", K,
+            f"needs {K // group_topk} experts from each chosen group but a group has {E // groups}",
+            "lower topk or use fewer, larger groups",
         )
-        if groups is not None:
-            _check(E % groups == 0, "moe_router_num_groups", groups, f"does not divide num_moe_experts={E}", "choose a group count that divides the experts")
-            _check(
-                0 < group_topk <= groups, "moe_router_group_topk", group_topk,
-                f"must be between 1 and moe_router_num_groups={groups}", f"set moe_router_group_topk <= {groups}",
-            )
-            _check(
-                K % group_topk == 0, "moe_router_topk", K,
-                f"is not divisible over moe_router_group_topk={group_topk} chosen groups "
-                "(each group is scored by its top topk/group_topk affinities)",
-                "make topk a multiple of group_topk (paper: 8 over 4)",
-            )
-            _check(
-                K // group_topk <= E // groups, "moe_router_topk", K,
-                f"needs {K // group_topk} experts from each chosen group but a group has {E // groups}",
-                "lower topk or use fewer, larger groups",
-            )
-        _check(
-            not c.moe_router_enable_expert_bias or c.moe_router_score_function == "sigmoid",
-            "moe_router_enable_expert_bias", c.moe_router_enable_expert_bias,
-            f"bias-balanced routing is defined on sigmoid affinities, not {c.moe_router_score_function!r}",
-            "set moe_router_score_function='sigmoid'",
-        )
-        coefficients = c.moe_aux_loss_coeff if isinstance(c.moe_aux_loss_coeff, (list, tuple)) else [c.moe_aux_loss_coeff]
-        _check(
-            all(v is None or v >= 0 for v in coefficients),
-            "moe_aux_loss_coeff", c.moe_aux_loss_coeff, "a loss weight cannot be negative", "paper: alpha = 0.0001",
-        )
-    # MTP (PAPER.md §4)
+    _check(
+        not c.moe_router_enable_expert_bias or c.moe_router_score_function == "sigmoid",
+        "moe_router_enable_expert_bias", c.moe_router_enable_expert_bias,
+        f"bias-balanced routing is defined on sigmoid affinities, not {c.moe_router_score_function!r}",
+        "set moe_router_score_function='sigmoid'",
+    )
+    coefficients = c.moe_aux_loss_coeff if isinstance(c.moe_aux_loss_coeff, (list, tuple)) else [c.moe_aux_loss_coeff]
+    _check(
+        all(v is None or v >= 0 for v in coefficients),
+        "moe_aux_loss_coeff", c.moe_aux_loss_coeff, "a loss weight cannot be negative", "paper: alpha = 0.0001",
+    )
+
+
+def validate_mtp(c) -> None:
+    """Multi-token prediction (DeepSeek-V3 report §2.2).
+
+    Reads mtp_num_layers, seq_length, and mtp_loss_scaling_factor when the depth is not 0.
+    """
     depth = c.mtp_num_layers or 0
     _check(depth >= 0, "mtp_num_layers", c.mtp_num_layers, "the MTP depth D cannot be negative", "use 0 (or None) for no MTP, 1 as in the paper")
     _check(
@@ -406,22 +471,37 @@ def validate(c: DeepSeekV3Config) -> None:
             c.mtp_loss_scaling_factor is not None and c.mtp_loss_scaling_factor >= 0,
             "mtp_loss_scaling_factor", c.mtp_loss_scaling_factor, "lambda cannot be negative", "paper: 0.3 then 0.1",
         )
-    for name, field_name in (
-        ("bias_update_rate_schedule", "moe_router_bias_update_rate"),
-        ("mtp_loss_scaling_schedule", "mtp_loss_scaling_factor"),
-    ):
+
+
+def validate_schedules(c) -> None:
+    """The token schedules of gamma and lambda (DeepSeek-V3 report §4.2): no negative value,
+    and each constant Megatron reads starts at its schedule's first value.
+
+    Reads bias_update_rate_schedule and mtp_loss_scaling_schedule; with a gamma schedule,
+    moe_router_bias_update_rate; with a lambda schedule, mtp_num_layers and (for a depth above
+    0) mtp_loss_scaling_factor.
+    """
+    for field_name, name in SCHEDULED_FIELDS.items():
         schedule = getattr(c, name)
         if schedule is None:
             continue
         _check(all(v >= 0 for _, v in schedule.steps), name, schedule, "gamma and lambda cannot be negative", "use the paper's schedules")
-        if field_name == "mtp_loss_scaling_factor" and not depth:
+        if field_name == "mtp_loss_scaling_factor" and not c.mtp_num_layers:
             continue
         _check(
             getattr(c, field_name) == schedule.steps[0][1], field_name, getattr(c, field_name),
             f"disagrees with {name}, which starts at {schedule.steps[0][1]}",
             f"set {field_name} to the schedule's first value, or {name}=None for a constant",
         )
-    # FP8 (PAPER.md §5): every GEMM's inner dimension is cut into 128-wide tiles.
+
+
+def validate_fp8(c) -> None:
+    """Blockwise FP8 training (DeepSeek-V3 report §3.3): every GEMM's inner dimension is cut
+    into 128-wide tiles.
+
+    Reads fp8_blockwise, fp8, fp8_recipe, transformer_impl, tensor_model_parallel_size, and
+    with fp8_blockwise set the inner dimensions of `fp8_inner_dims`.
+    """
     _check(
         c.fp8_blockwise in (None, *FP8_BLOCKWISE_BACKENDS), "fp8_blockwise", c.fp8_blockwise,
         "unknown FP8 GEMM backend", f"use one of {FP8_BLOCKWISE_BACKENDS} or None",
@@ -431,6 +511,8 @@ def validate(c: DeepSeekV3Config) -> None:
         "Megatron's fp8 flags only act through Transformer Engine; on the local backend they are a silent no-op",
         "use fp8_blockwise='emulate' (or 'scaled_mm' on Hopper) for FP8 on the local backend",
     )
+    if c.fp8_blockwise is None:
+        return
     if c.fp8_blockwise == "te":
         _check(
             c.transformer_impl == "transformer_engine", "transformer_impl", c.transformer_impl,
@@ -442,7 +524,7 @@ def validate(c: DeepSeekV3Config) -> None:
             "the paper uses E4M3 with 1x128 / 128x128 block scaling for every tensor",
             "leave fp8 and fp8_recipe unset; fp8_blockwise='te' sets them",
         )
-    elif c.fp8_blockwise is not None:
+    else:
         _check(
             c.transformer_impl == "local", "transformer_impl", c.transformer_impl,
             f"fp8_blockwise={c.fp8_blockwise!r} is our FP8 Linear, which replaces the local backend's linears",
@@ -452,14 +534,30 @@ def validate(c: DeepSeekV3Config) -> None:
             c.tensor_model_parallel_size == 1, "tensor_model_parallel_size", c.tensor_model_parallel_size,
             "our FP8 Linear does no tensor-parallel communication", "use TP=1 (the paper uses none) or fp8_blockwise='te'",
         )
-    if c.fp8_blockwise is not None:
-        for name, size in fp8_inner_dims(c).items():
-            _check(
-                size % FP8_TILE == 0, name, size,
-                f"blockwise FP8 scales 1x{FP8_TILE} / {FP8_TILE}x{FP8_TILE} tiles along this GEMM's inner dimension",
-                f"use a multiple of {FP8_TILE} or train this preset without fp8_blockwise",
-            )
+    for name, size in fp8_inner_dims(c).items():
+        _check(
+            size % FP8_TILE == 0, name, size,
+            f"blockwise FP8 scales 1x{FP8_TILE} / {FP8_TILE}x{FP8_TILE} tiles along this GEMM's inner dimension",
+            f"use a multiple of {FP8_TILE} or train this preset without fp8_blockwise",
+        )
 
+
+VALIDATORS = (
+    validate_basics,
+    validate_parallelism,
+    validate_mla,
+    validate_moe,
+    validate_mtp,
+    validate_schedules,
+    validate_fp8,
+)
+
+
+def validate(c) -> None:
+    """Reject impossible combinations with the field, the value and the fix: each of
+    `VALIDATORS` in turn, so the first broken rule is the one reported."""
+    for validator in VALIDATORS:
+        validator(c)
 
 def fp8_inner_dims(c: DeepSeekV3Config) -> dict[str, int]:
     """The inner (reduction) dimension of every Linear that runs in FP8."""
@@ -478,32 +576,32 @@ def fp8_inner_dims(c: DeepSeekV3Config) -> dict[str, int]:
     return dims
 
 
-def check_runtime(c: DeepSeekV3Config, device: str) -> None:
-    """Reject what cannot run on `device` ("cpu" or "cuda"), before any model is built."""
-    if device == "cpu":
-        _check(
-            c.moe_token_dispatcher_type in DISPATCHERS_ON_CPU,
-            "moe_token_dispatcher_type", c.moe_token_dispatcher_type,
-            "the alltoall and flex dispatchers create CUDA streams and kernels",
-            "use moe_token_dispatcher_type='allgather' on CPU",
-        )
-        _check(
-            c.transformer_impl == "local", "transformer_impl", c.transformer_impl,
-            "Transformer Engine modules need a GPU", "use transformer_impl='local' on CPU",
-        )
-        _check(not c.bf16 and not c.fp16, "bf16", c.bf16, "the CPU path trains in fp32", "set bf16=False, fp16=False")
-        _check(c.use_cpu_initialization, "use_cpu_initialization", c.use_cpu_initialization,
-               "weights must be created on the CPU", "set use_cpu_initialization=True")
-        _check(not c.moe_router_fusion, "moe_router_fusion", c.moe_router_fusion,
-               "the fused router is a TE CUDA kernel", "set moe_router_fusion=False")
-        _check(c.fp8_blockwise in (None, "emulate", "auto"), "fp8_blockwise", c.fp8_blockwise,
-               "this FP8 GEMM needs a Hopper GPU", "use fp8_blockwise='emulate' on CPU")
-    elif device != "cuda":
-        raise ConfigError("device", device, "unknown device", "use 'cpu' or 'cuda'")
+def check_runs_on_cpu(c) -> None:
+    """Reject what cannot run on CPU, before any model is built.
 
+    Reads moe_token_dispatcher_type, transformer_impl, bf16, fp16, use_cpu_initialization,
+    moe_router_fusion, fp8_blockwise.
+    """
+    _check(
+        c.moe_token_dispatcher_type in DISPATCHERS_ON_CPU,
+        "moe_token_dispatcher_type", c.moe_token_dispatcher_type,
+        "the alltoall and flex dispatchers create CUDA streams and kernels",
+        "use moe_token_dispatcher_type='allgather' on CPU",
+    )
+    _check(
+        c.transformer_impl == "local", "transformer_impl", c.transformer_impl,
+        "Transformer Engine modules need a GPU", "use transformer_impl='local' on CPU",
+    )
+    _check(not c.bf16 and not c.fp16, "bf16", c.bf16, "the CPU path trains in fp32", "set bf16=False, fp16=False")
+    _check(c.use_cpu_initialization, "use_cpu_initialization", c.use_cpu_initialization,
+           "weights must be created on the CPU", "set use_cpu_initialization=True")
+    _check(not c.moe_router_fusion, "moe_router_fusion", c.moe_router_fusion,
+           "the fused router is a TE CUDA kernel", "set moe_router_fusion=False")
+    _check(c.fp8_blockwise in (None, "emulate", "auto"), "fp8_blockwise", c.fp8_blockwise,
+           "this FP8 GEMM needs a Hopper GPU", "use fp8_blockwise='emulate' on CPU")
 
 def count_parameters(c: MLATransformerConfig) -> tuple[int, int]:
-    """(total, active per token) from the config alone, MTP modules excluded (PAPER.md §1).
+    """(total, active per token) from the config alone, MTP modules excluded (DeepSeek-V3 report §4.2).
 
     Counts weights and norm scales; the expert bias is a buffer, not a parameter.
     Embedding and output head are counted in both (the paper's 671B / 37B do).

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from megatron.core import tensor_parallel
 
-from megatron_dsv3.config import DeepSeekV3Config, check_runtime
+from megatron_dsv3.config import DeepSeekV3Config, check_runs_on_cpu
 
 _enabled = False
 
@@ -39,10 +39,6 @@ class _HostStream:
 _HOST_STREAM = _HostStream()
 
 
-def is_enabled() -> bool:
-    return _enabled
-
-
 def enable(config: DeepSeekV3Config | None = None) -> bool:
     """Make Megatron-Core run on CPU; returns True when the layer is active.
 
@@ -53,7 +49,7 @@ def enable(config: DeepSeekV3Config | None = None) -> bool:
     if torch.cuda.is_available():
         return False
     if config is not None:
-        check_runtime(config, "cpu")
+        check_runs_on_cpu(config)
     if not _enabled:
         torch.cuda.current_device = lambda: torch.device("cpu")
         torch.cuda.current_stream = lambda device=None: _HOST_STREAM

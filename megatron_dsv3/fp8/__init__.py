@@ -1,12 +1,11 @@
-"""Fine-grained FP8 (E4M3) training numerics, PAPER.md §5: tile-wise quantisation
+"""Fine-grained FP8 (E4M3) training numerics, DeepSeek-V3 report §3.3: tile-wise quantisation
 (1x128 activations, 128x1 for their transposes, 128x128 weights), block-scaled GEMMs with
 FP32 promotion every 128 inner elements, and a Linear whose three GEMMs run in FP8."""
 
-from megatron_dsv3.fp8.gemm import BACKENDS, blockwise_gemm
+from megatron_dsv3.fp8.gemm import blockwise_gemm
 from megatron_dsv3.fp8.linear import BlockwiseFP8LinearFunction, fp8_linear
 from megatron_dsv3.fp8.quant import (
     E4M3_MAX,
-    TILE,
     BlockwiseFP8,
     quantize_1x128,
     quantize_128x1,
@@ -15,9 +14,7 @@ from megatron_dsv3.fp8.quant import (
 )
 
 __all__ = [
-    "BACKENDS",
     "E4M3_MAX",
-    "TILE",
     "BlockwiseFP8",
     "BlockwiseFP8LinearFunction",
     "blockwise_gemm",

@@ -1,4 +1,4 @@
-"""Block-scaled FP8 GEMM with FP32 promotion every 128 inner elements (PAPER.md §5).
+"""Block-scaled FP8 GEMM with FP32 promotion every 128 inner elements (DeepSeek-V3 report §3.3).
 
 `blockwise_gemm(a, b)` computes `dequant(a) @ dequant(b).T` for a: [M, K] and b: [N, K], both
 `BlockwiseFP8` whose tiles run along K in 128-wide slices: each operand is tiled (1, 128)
@@ -33,9 +33,10 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from megatron_dsv3.fp8.quant import TILE, BlockwiseFP8
+from megatron_dsv3.config import FP8_GEMM_BACKENDS
+from megatron_dsv3.config import FP8_TILE as TILE
+from megatron_dsv3.fp8.quant import BlockwiseFP8
 
-BACKENDS = ("auto", "emulate", "scaled_mm")
 _ROW_TILE = (1, TILE)
 _BLOCK_TILE = (TILE, TILE)
 
@@ -151,8 +152,8 @@ def blockwise_gemm(
             "blockwise_gemm backend='te': TE's blockwise FP8 runs inside TE modules, not on these "
             "tensors. Fix: set the config's fp8_blockwise='te' with transformer_impl='transformer_engine'."
         )
-    if backend not in BACKENDS:
-        raise ValueError(f"blockwise_gemm backend={backend!r} is not one of {BACKENDS}")
+    if backend not in FP8_GEMM_BACKENDS:
+        raise ValueError(f"blockwise_gemm backend={backend!r} is not one of {FP8_GEMM_BACKENDS}")
     if backend == "auto":
         reason = _scaled_mm_unavailable(a, b)
         if reason and a.data.is_cuda:  # a GPU run that will not get FP8 tensor cores: say so

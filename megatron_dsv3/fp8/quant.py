@@ -1,4 +1,4 @@
-"""Fine-grained (tile-wise) E4M3 quantisation (PAPER.md §5, "Fine-grained scaling").
+"""Fine-grained (tile-wise) E4M3 quantisation (DeepSeek-V3 report §3.3, fine-grained quantization).
 
 Every tensor is E4M3 (`torch.float8_e4m3fn`, largest finite value 448). A 2-D tensor is
 cut into tiles and each tile gets its own FP32 scale, computed online from the current
@@ -31,8 +31,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from megatron_dsv3.config import FP8_TILE as TILE
+
 E4M3_MAX = 448.0
-TILE = 128
 FP8_DTYPE = torch.float8_e4m3fn
 
 

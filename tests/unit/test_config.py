@@ -1,4 +1,4 @@
-"""Presets, parameter counts and config-time validation (PAPER.md §1)."""
+"""Presets, parameter counts and config-time validation (report §4.2)."""
 
 import pytest
 import torch
@@ -9,9 +9,11 @@ from megatron_dsv3.config import (
     PRESETS,
     ConfigError,
     StepSchedule,
-    check_runtime,
+    check_runs_on_cpu,
     count_parameters,
     fp8_inner_dims,
+    moe_layer_pattern,
+    num_dense_prefix,
     preset,
 )
 from megatron_dsv3.specs import gpt_model
@@ -26,7 +28,7 @@ def test_deepseek_v3_has_the_papers_parameter_counts():
 def test_deepseek_v3_preset_is_the_papers_table():
     c = preset("deepseek-v3")
     assert (c.num_layers, c.hidden_size, c.num_attention_heads) == (61, 7168, 128)
-    assert c.first_k_dense == 3 and c.ffn_hidden_size == 18432
+    assert num_dense_prefix(moe_layer_pattern(c)) == 3 and c.ffn_hidden_size == 18432
     assert (c.num_moe_experts, c.moe_router_topk, c.moe_ffn_hidden_size) == (256, 8, 2048)
     assert (c.moe_router_num_groups, c.moe_router_group_topk) == (8, 4)
     assert (c.q_lora_rank, c.kv_lora_rank, c.qk_head_dim, c.qk_pos_emb_head_dim, c.v_head_dim) == (1536, 512, 128, 64, 128)
@@ -119,10 +121,10 @@ def test_unknown_preset_and_unknown_field_are_named():
 
 def test_cpu_rejects_cuda_only_choices_before_building():
     with pytest.raises(ConfigError, match="moe_token_dispatcher_type='alltoall'.*allgather"):
-        check_runtime(preset("tiny", moe_token_dispatcher_type="alltoall"), "cpu")
+        check_runs_on_cpu(preset("tiny", moe_token_dispatcher_type="alltoall"))
     with pytest.raises(ConfigError, match="transformer_impl='transformer_engine'"):
-        check_runtime(preset("tiny", transformer_impl="transformer_engine"), "cpu")
-    check_runtime(preset("tiny"), "cpu")
+        check_runs_on_cpu(preset("tiny", transformer_impl="transformer_engine"))
+    check_runs_on_cpu(preset("tiny"))
 
 
 def test_paper_schedules_switch_where_the_paper_does():
