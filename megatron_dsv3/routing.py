@@ -1,4 +1,4 @@
-"""Auxiliary-loss-free balancing additions to Megatron's router (PAPER.md §3).
+"""Auxiliary-loss-free balancing additions to Megatron's router (report §2.1.2).
 
 Upstream `TopKRouter` already implements the paper's routing: sigmoid affinities, top-K by
 `s + b` with the gate from the unbiased `s`, normalised and scaled; node-limited groups;
@@ -76,6 +76,20 @@ def load_recording_routers(model_chunks) -> list[LoadRecordingRouter]:
             if isinstance(module, LoadRecordingRouter):
                 routers.append(module)
     return routers
+
+
+def expert_load_counts(chunk) -> list[torch.Tensor]:
+    """The step's token counts that the end-of-step bias update and load recording read, for
+    every router of `chunk`, in module order: Megatron's `local_tokens_per_expert` (the bias
+    update's) and our `step_tokens_per_expert`. The DualPipe executor sums a stage's two
+    copies of these before `finalize_model_grads`, so both copies take the same update."""
+    counts = []
+    for module in chunk.modules():
+        if isinstance(module, TopKRouter) and module.local_tokens_per_expert is not None:
+            counts.append(module.local_tokens_per_expert)
+        if isinstance(module, LoadRecordingRouter):
+            counts.append(module.step_tokens_per_expert)
+    return counts
 
 
 def expert_load(model_chunks) -> list[LayerLoad]:

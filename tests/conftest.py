@@ -5,7 +5,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_dsv3 import cpu
-from megatron_dsv3.training.loop import init_distributed
+from megatron_dsv3.distributed import init_distributed
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -5,23 +5,12 @@ python -m megatron_dsv3.convert mcore-to-hf --mcore DIR --out DIR --preset NAME 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from megatron_dsv3 import cpu
-from megatron_dsv3.config import ConfigError, preset
+from megatron_dsv3.config import ConfigError, parse_override, preset
 from megatron_dsv3.convert.hf import ConversionError, hf_to_mcore, mcore_to_hf
-
-
-def _override(text: str) -> tuple[str, object]:
-    field, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"--set {text!r}: expected FIELD=JSON, e.g. --set moe_router_topk=4")
-    try:
-        return field, json.loads(value)
-    except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"--set {text!r}: the value is not JSON ({error}); quote strings: "
-                                         "--set 'rope_type=\"yarn\"'") from error
+from megatron_dsv3.distributed import init_distributed
 
 
 def parser() -> argparse.ArgumentParser:
@@ -36,10 +25,10 @@ def parser() -> argparse.ArgumentParser:
     for command in (to_mcore, to_hf):
         command.add_argument("--out", required=True, help="output directory (must not exist)")
         command.add_argument("--preset", required=True, help="megatron_dsv3.config preset name")
-        command.add_argument("--set", dest="overrides", type=_override, action="append", default=[],
+        command.add_argument("--set", dest="overrides", type=parse_override, action="append", default=[],
                              metavar="FIELD=JSON", help="override a preset field (repeatable)")
         for flag in ("--tp", "--pp", "--ep"):
-            command.add_argument(flag, type=int, default=1, help="parallel size of the output (only 1 so far)")
+            command.add_argument(flag, type=int, default=1, help="parallel size of the output (only 1: dist_checkpointing reshards on load)")
     return top
 
 
@@ -52,8 +41,6 @@ def main(argv=None) -> int:
             return 2
     try:
         config = preset(args.preset, **dict(args.overrides))
-        from megatron_dsv3.training.loop import init_distributed
-
         init_distributed()
         cpu.enable()
         if args.command == "hf-to-mcore":

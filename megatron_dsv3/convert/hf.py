@@ -82,10 +82,10 @@ from torch.distributed.checkpoint import CheckpointException, FileSystemWriter
 from torch.distributed.checkpoint.planner import WriteItemType
 from tqdm import tqdm
 
-from megatron_dsv3.config import FP8_TILE, DeepSeekV3Config, moe_layer_pattern
+from megatron_dsv3.config import FP8_TILE, DeepSeekV3Config, moe_layer_pattern, num_dense_prefix
+from megatron_dsv3.fp8 import BlockwiseFP8, quantize_128x128
 from megatron_dsv3.specs import gpt_model
 
-FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 SCALE_SUFFIX = "_scale_inv"  # "<name>.weight" -> "<name>.weight_scale_inv"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -115,7 +115,7 @@ class Rule:
       attention and MLPs; not embeddings, norms, the gate, lm_head or eh_proj).
     hf_dtype: the dtype on HF's side when it is fixed (the expert bias stays FP32).
     copy_of_main: HF stores a copy of a main-model tensor that Megatron shares (MTP's
-      embedding and head, PAPER.md §4): import reads the main one, export writes the copy.
+      embedding and head, report §2.2): import reads the main one, export writes the copy.
     """
 
     scope: str
@@ -153,7 +153,7 @@ TABLE: tuple[Rule, ...] = (
     Rule("expert", "{L}.mlp.experts.{E}.gate_proj.weight", "{M}.mlp.experts.local_experts.{E}.linear_fc1.weight", rows=GATE, fp8=True),
     Rule("expert", "{L}.mlp.experts.{E}.up_proj.weight", "{M}.mlp.experts.local_experts.{E}.linear_fc1.weight", rows=UP, fp8=True),
     Rule("expert", "{L}.mlp.experts.{E}.down_proj.weight", "{M}.mlp.experts.local_experts.{E}.linear_fc2.weight", fp8=True),
-    # MTP (PAPER.md §4): eh_proj's input is [enorm(Emb(t_{i+k})) ; hnorm(h)] on both sides
+    # MTP (report §2.2): eh_proj's input is [enorm(Emb(t_{i+k})) ; hnorm(h)] on both sides
     Rule("mtp", "{L}.enorm.weight", "{M}.enorm.weight"),
     Rule("mtp", "{L}.hnorm.weight", "{M}.hnorm.weight"),
     Rule("mtp", "{L}.eh_proj.weight", "{M}.eh_proj.weight"),
@@ -233,7 +233,7 @@ HF_CONFIG_FIELDS: tuple[ConfigField, ...] = (
     ConfigField("n_group", "moe_router_num_groups", lambda c: c.moe_router_num_groups, True),
     ConfigField("topk_group", "moe_router_group_topk", lambda c: c.moe_router_group_topk, True),
     ConfigField("routed_scaling_factor", "moe_router_topk_scaling_factor", lambda c: c.moe_router_topk_scaling_factor, True),
-    ConfigField("first_k_dense_replace", "moe_layer_freq", lambda c: c.first_k_dense, True),
+    ConfigField("first_k_dense_replace", "moe_layer_freq", lambda c: num_dense_prefix(moe_layer_pattern(c)), True),
     ConfigField("q_lora_rank", "q_lora_rank", lambda c: c.q_lora_rank, True),
     ConfigField("kv_lora_rank", "kv_lora_rank", lambda c: c.kv_lora_rank, True),
     ConfigField("qk_nope_head_dim", "qk_head_dim", lambda c: c.qk_head_dim, True),
@@ -331,23 +331,18 @@ def fp8_scale_shape(shape_OI: tuple[int, int]) -> tuple[int, int]:
 
 
 def dequantize_fp8(weight_OI: torch.Tensor, scale_inv_BoBi: torch.Tensor) -> torch.Tensor:
-    """FP32 weight = FP8 weight * its block's `weight_scale_inv`."""
-    out_dim, in_dim = weight_OI.shape
-    scale_OI = scale_inv_BoBi.repeat_interleave(FP8_TILE, 0).repeat_interleave(FP8_TILE, 1)[:out_dim, :in_dim]
-    return weight_OI.to(torch.float32) * scale_OI
+    """FP32 weight = FP8 weight * its block's `weight_scale_inv` (DeepSeek's scale is our
+    dequantisation multiplier: `fp8.BlockwiseFP8` with 128x128 tiles)."""
+    blocks = BlockwiseFP8(data=weight_OI, scale=scale_inv_BoBi, tile=(FP8_TILE, FP8_TILE), shape=tuple(weight_OI.shape))
+    return blocks.dequantize(torch.float32)
 
 
-def quantize_fp8(weight_OI: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float8_e4m3fn weight, FP32 weight_scale_inv) with scale = block amax / 448 (1 for a zero block)."""
-    out_dim, in_dim = weight_OI.shape
-    blocks_out, blocks_in = fp8_scale_shape(weight_OI.shape)
-    padded = weight_OI.new_zeros(blocks_out * FP8_TILE, blocks_in * FP8_TILE, dtype=torch.float32)
-    padded[:out_dim, :in_dim] = weight_OI
-    blocks = padded.view(blocks_out, FP8_TILE, blocks_in, FP8_TILE)
-    scale_BoBi = blocks.abs().amax(dim=(1, 3)) / FP8_MAX
-    scale_BoBi = torch.where(scale_BoBi == 0, torch.ones_like(scale_BoBi), scale_BoBi)
-    quantized = (blocks / scale_BoBi[:, None, :, None]).view_as(padded)[:out_dim, :in_dim]
-    return quantized.to(torch.float8_e4m3fn).contiguous(), scale_BoBi
+def quantize_fp8(weight_OI: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8_e4m3fn weight, FP32 weight_scale_inv): DeepSeek's format is our 128x128 block
+    quantisation (`fp8.quantize_128x128`: scale = block amax / 448, 1 for a zero block; codes
+    clamped; a non-finite weight is an error naming `name`)."""
+    blocks = quantize_128x128(weight_OI, name=name)
+    return blocks.data, blocks.scale
 
 
 # --- The Megatron side: a model on the meta device --------------------------------------------
@@ -605,7 +600,7 @@ def _hf_tensors(entry: Entry, tensor: torch.Tensor, fp8: bool) -> dict[str, torc
     if entry.rule.hf_dtype is not None:
         return {entry.hf: block.to(entry.rule.hf_dtype).contiguous()}
     if fp8 and entry.rule.fp8:
-        weight, scale_inv = quantize_fp8(block)
+        weight, scale_inv = quantize_fp8(block, name=entry.hf)
         return {entry.hf: weight, entry.hf + SCALE_SUFFIX: scale_inv}
     return {entry.hf: block.to(torch.bfloat16).contiguous()}
 

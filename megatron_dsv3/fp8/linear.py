@@ -1,4 +1,4 @@
-"""A Linear whose three GEMMs (Fprop, Dgrad, Wgrad) run in block-scaled FP8 (PAPER.md §5).
+"""A Linear whose three GEMMs (Fprop, Dgrad, Wgrad) run in block-scaled FP8 (report §3.3).
 
 y = x W^T + b, x: [..., K] (leading dims flattened to T tokens), W: [N, K] the FP32 master
 weight (read, never modified), b: [N] or None.
@@ -8,7 +8,7 @@ weight (read, never modified), b: [N] or None.
                      along the inner dim T of the transposed tensors
 All accumulate in FP32 with promotion every 128 inner elements (`blockwise_gemm`). The bias
 is added, and its gradient summed, in FP32. Wgrad goes through
-`pipeline.weight_grad.defer_or_compute`: inside a zero-bubble B it waits for its W.
+`weight_grad.defer_or_compute`: inside a zero-bubble B it waits for its W.
 
 What is saved for backward (the paper caches activations in FP8): x quantised with 128x1
 tiles, taken in the forward pass from the high-precision x (a single quantisation, no
@@ -27,7 +27,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 
 from megatron_dsv3.fp8.gemm import blockwise_gemm
 from megatron_dsv3.fp8.quant import TILE, BlockwiseFP8, quantize_1x128, quantize_128x1, quantize_128x128
-from megatron_dsv3.pipeline.weight_grad import defer_or_compute
+from megatron_dsv3.weight_grad import defer_or_compute
 
 
 class BlockwiseFP8LinearFunction(torch.autograd.Function):
@@ -51,7 +51,7 @@ class BlockwiseFP8LinearFunction(torch.autograd.Function):
         x_cols = quantize_128x1(x_TK, pow2_scale=pow2_input_scale, name="fp8_linear input x")
         ctx.save_for_backward(x_cols.data, x_cols.scale, w_blocks.data, w_blocks.scale)
         ctx.backend = backend
-        ctx.weight = weight  # the parameter a deferred weight gradient goes to (pipeline/weight_grad.py)
+        ctx.weight = weight  # the parameter a deferred weight gradient goes to (megatron_dsv3/weight_grad.py)
         ctx.x_shape, ctx.x_dtype, ctx.weight_dtype = x.shape, x.dtype, weight.dtype
         ctx.has_bias = bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -122,12 +122,12 @@ class FP8RowParallelLinear(_BlockwiseFP8Forward, RowParallelLinear):
 
 
 class FP8AttentionOutputLinear(FP8RowParallelLinear):
-    """The Linear after attention: its input scales are powers of two (PAPER.md §5)."""
+    """The Linear after attention: its input scales are powers of two (report §3.3)."""
 
     pow2_input_scale = True
 
 
-# Kept in high precision (PAPER.md §5): the output head; and MTP's eh_proj, which the
+# Kept in high precision (report §3.3): the output head; and MTP's eh_proj, which the
 # released FP8 checkpoint also keeps in BF16. Embedding, router, norms and the attention
 # core are not Column/RowParallelLinear.
 HIGH_PRECISION_LINEARS = ("output_layer", "eh_proj")

@@ -1,28 +1,20 @@
 """The bias update counts the load over the *global* batch: two data-parallel gloo ranks.
 
 Each rank routes different tokens; forward hooks record each rank's routing, the counts are
-summed across ranks by the test itself, and PAPER.md §3's sign rule on that sum must give
+summed across ranks by the test itself, and report §2.1.2's sign rule on that sum must give
 the biases both ranks end up with (identical on both).
 """
-
-import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from megatron_dsv3.distributed import free_port
+
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_main(rank: int, port: int, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from megatron_dsv3 import cpu
@@ -30,8 +22,10 @@ def _rank_main(rank: int, port: int, results):
     from megatron_dsv3.pipeline.no_pipelining import forward_backward_no_pipelining
     from megatron_dsv3.routing import LoadRecordingRouter, finalize_model_grads_with_load
     from megatron_dsv3.specs import gpt_model
-    from megatron_dsv3.training.loop import forward_step, init_distributed, seed_everything
+    from megatron_dsv3.distributed import init_distributed, local_process_env, seed_everything
+    from megatron_dsv3.training.forward_step import forward_step
 
+    local_process_env(rank, WORLD, port)
     init_distributed()
     config = preset("tiny", seq_length=32)
     cpu.enable(config)
@@ -68,7 +62,7 @@ def _rank_main(rank: int, port: int, results):
 
 
 def test_bias_update_uses_the_load_summed_over_data_parallel_ranks():
-    port = _free_port()
+    port = free_port()
     with mp.Manager() as manager:
         results = manager.dict()
         mp.spawn(_rank_main, args=(port, results), nprocs=WORLD, join=True)

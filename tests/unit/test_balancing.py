@@ -2,7 +2,7 @@
 
 A step of the tiny model runs over several micro-batches with Megatron DDP and our
 finalize function; forward hooks record every routing decision independently of the code
-under test. PAPER.md §3: each bias moves by exactly gamma, down if its expert got more than
+under test. Report §2.1.2: each bias moves by exactly gamma, down if its expert got more than
 the mean load over the global batch, up if less.
 """
 
@@ -14,7 +14,7 @@ from megatron_dsv3.config import preset
 from megatron_dsv3.pipeline.no_pipelining import forward_backward_no_pipelining
 from megatron_dsv3.routing import LoadRecordingRouter, expert_load, finalize_model_grads_with_load
 from megatron_dsv3.specs import gpt_model
-from megatron_dsv3.training.loop import forward_step
+from megatron_dsv3.training.forward_step import forward_step
 
 MICROBATCHES, BATCH, SEQ = 3, 2, 32
 

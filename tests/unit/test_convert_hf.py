@@ -325,7 +325,7 @@ MEASURE = textwrap.dedent("""
     from megatron_dsv3 import cpu
     from megatron_dsv3.config import preset
     from megatron_dsv3.convert import hf_to_mcore
-    from megatron_dsv3.training.loop import init_distributed
+    from megatron_dsv3.distributed import init_distributed
 
     hf_dir, out, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     init_distributed(); cpu.enable()

@@ -7,7 +7,7 @@ import torch
 from megatron.core.tensor_parallel.layers import linear_with_grad_accumulation_and_async_allreduce
 
 from megatron_dsv3.fp8.linear import fp8_linear
-from megatron_dsv3.pipeline.weight_grad import WeightGradStore, deferrable_linear, enable_weight_grad_deferral
+from megatron_dsv3.weight_grad import WeightGradStore, deferrable_linear, enable_weight_grad_deferral
 
 SEQ, MICRO_BATCH = 32, 2
 

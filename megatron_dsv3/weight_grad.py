@@ -56,7 +56,23 @@ from typing import Callable
 import torch
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
+from megatron_dsv3.config import ConfigError
+
 _capturing: list | None = None  # the closures of the B being captured, if any
+
+
+def check_deferrable(config) -> None:
+    """The one home of the rule that every entry point of a zero-bubble schedule (the
+    executor, the compact loop, the Megatron-LM launch) checks before any work: Megatron's
+    fused gradient accumulation adds weight gradients inside the backward, so they cannot be
+    deferred to a W."""
+    if config.gradient_accumulation_fusion:
+        raise ConfigError(
+            "gradient_accumulation_fusion", True,
+            "DualPipe and DualPipeV defer the local linears' weight gradients (megatron_dsv3.weight_grad), "
+            "which Megatron's fused accumulation kernel cannot",
+            "gradient_accumulation_fusion=False (Megatron-LM: --no-gradient-accumulation-fusion)",
+        )
 
 
 def defer_or_compute(weight: torch.Tensor, compute: Callable[[], torch.Tensor]) -> torch.Tensor | None:
