@@ -1,4 +1,4 @@
-"""fp8-error: FP8 GEMM error, per-tensor vs fine-grained tile scaling (PAPER.md §5).
+"""fp8-error: FP8 GEMM error, per-tensor vs fine-grained tile scaling (report §3.3).
 
 For each [M, K, N] it computes y = x W^T with two FP8 schemes against the FP32 GEMM:
   per-tensor  one FP32 scale for all of x and one for all of W (amax / 448), E4M3 codes,

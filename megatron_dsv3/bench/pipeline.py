@@ -1,4 +1,4 @@
-"""pipeline: simulated bubble and activations of 1F1B, ZB1P, DualPipe and DualPipeV (PAPER.md §6).
+"""pipeline: simulated bubble and activations of 1F1B, ZB1P, DualPipe and DualPipeV (report §3.2.1).
 
 For each number of pipeline ranks P it builds each schedule's order on P ranks
 (`megatron_dsv3.pipeline.schedule`), replays it with the given per-stage costs
@@ -29,7 +29,8 @@ import math
 import sys
 
 from megatron_dsv3.bench.pipeline_peers import PeersSetup, format_peers, run_peers
-from megatron_dsv3.pipeline.simulate import SCHEDULES, Costs, simulate_schedule
+from megatron_dsv3.pipeline.registry import SCHEDULES
+from megatron_dsv3.pipeline.simulate import Costs, simulate_schedule
 
 DEFAULT_PP = (4, 8, 16)
 

@@ -5,7 +5,7 @@ Design note
 What runs. P processes (gloo, one thread each: they share the host's cores) build the
 `tiny` preset without MTP, 2P decoder layers (one per DualPipeV stage), and time one global
 batch of M micro-batches (forward + backward, no optimizer step) under
-  ours_dualpipev    `forward_backward_dualpipev` over `layout.dualpipev_chunks` (2P stages
+  ours_dualpipev    the registry's DualPipeV executor over `layout.dualpipev_chunks` (2P stages
                     in a V: rank r holds stages r and 2P-1-r);
   torch_dualpipev   torch.distributed.pipelining's `ScheduleDualPipeV`, the same 2P stages
                     on the same ranks;
@@ -42,8 +42,6 @@ any schedule) and are cleared before each step.
 from __future__ import annotations
 
 import dataclasses
-import os
-import socket
 import statistics
 import time
 from typing import Callable
@@ -56,9 +54,11 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleDu
 
 from megatron_dsv3 import cpu
 from megatron_dsv3.config import preset
-from megatron_dsv3.pipeline.dualpipe import forward_backward_dualpipev
-from megatron_dsv3.pipeline.layout import dualpipev_chunks, dualpipev_embedding_ranks
-from megatron_dsv3.training.loop import forward_step, seed_everything
+from megatron_dsv3.distributed import free_port, init_distributed, local_process_env, seed_everything
+from megatron_dsv3.pipeline.registry import SCHEDULES
+from megatron_dsv3.training.forward_step import forward_step
+
+DUALPIPEV = SCHEDULES["dualpipev"]
 
 SCHEDULE_NAMES = ("ours_dualpipev", "torch_dualpipev", "torch_1f1b")
 
@@ -104,9 +104,7 @@ def run_peers(setup: PeersSetup) -> dict:
     keys: P, microbatches, micro_batch_size, seq_length, num_layers, warmup_steps,
     timed_steps, threads_per_rank, schedules ({name: mean_step_s, median_step_s, step_s, first_step_loss,
     first_step_grad_norm, loss_rel_diff_vs_ours, grad_norm_rel_diff_vs_ours})."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     queue = mp.get_context("spawn").SimpleQueue()
     print(f"peers: spawning {setup.num_ranks} gloo processes; each builds the three schedules, then runs "
           f"{setup.warmup_steps} warm-up and {setup.timed_steps} timed rounds of one step each", flush=True)
@@ -149,12 +147,9 @@ def format_peers(peers: dict) -> str:
 
 
 def _worker(rank: int, setup: PeersSetup, port: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(setup.num_ranks))
+    local_process_env(rank, setup.num_ranks, port)
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo")
-    parallel_state.initialize_model_parallel(
-        pipeline_model_parallel_size=setup.num_ranks, get_embedding_ranks=dualpipev_embedding_ranks
-    )
+    init_distributed(setup.num_ranks, get_embedding_ranks=DUALPIPEV.get_embedding_ranks, backend="gloo")
     config = preset(
         "tiny", num_layers=setup.num_layers, seq_length=setup.seq_length, mtp_num_layers=None,
         pipeline_model_parallel_size=setup.num_ranks, pipeline_dtype=torch.float32,
@@ -239,10 +234,10 @@ def _grad_norm(modules: list[torch.nn.Module], group) -> float:
 
 def _ours_dualpipev(config, rank: int, setup: PeersSetup, microbatches: list[dict], group):
     seed_everything(setup.seed)
-    chunks = dualpipev_chunks(config, rank, setup.num_ranks)
+    chunks = DUALPIPEV.build_chunks(config, rank, setup.num_ranks)
 
     def step():
-        losses = forward_backward_dualpipev(
+        losses = DUALPIPEV.forward_backward_func(
             forward_step_func=forward_step, data_iterator=iter(microbatches), model=chunks,
             num_microbatches=setup.num_microbatches, seq_length=setup.seq_length, micro_batch_size=setup.micro_batch_size,
         )
@@ -306,7 +301,7 @@ def _torch_step(schedule, microbatches: list[dict], has_last_stage: bool):
 def _torch_dualpipev(config, rank: int, setup: PeersSetup, microbatches: list[dict], group):
     num_stages = 2 * setup.num_ranks
     seed_everything(setup.seed)
-    chunks = dualpipev_chunks(config, rank, setup.num_ranks)
+    chunks = DUALPIPEV.build_chunks(config, rank, setup.num_ranks)
     stages = [_torch_pipeline_stage([chunk], stage, num_stages, config, setup, group)
               for chunk, stage in zip(chunks, (rank, num_stages - 1 - rank))]
     schedule = ScheduleDualPipeV(stages, n_microbatches=setup.num_microbatches, loss_fn=_token_loss)
@@ -318,7 +313,7 @@ def _split_stage(config, setup: PeersSetup, stage: int):
     p = setup.num_ranks
     holder, chunk = (stage, 0) if stage < p else (2 * p - 1 - stage, 1)
     seed_everything(setup.seed)
-    return dualpipev_chunks(config, holder, p)[chunk]
+    return DUALPIPEV.build_chunks(config, holder, p)[chunk]
 
 
 def _torch_1f1b(config, rank: int, setup: PeersSetup, microbatches: list[dict], group):

@@ -1,78 +1,50 @@
-"""DualPipe and DualPipeV executors: Megatron's forward_backward_func contract over their orders.
+"""The DualPipe and DualPipeV executor: Megatron's `forward_backward_func` contract over their orders.
 
 Design note
 -----------
-Placement (schedule.py, layout.py). P pipeline ranks (Megatron's pipeline group), two chunks
-per rank, `model = [chunk 0, chunk 1]`:
-  DualPipeV  2P stages in a V: rank r holds stage r (chunk 0) and stage 2P-1-r (chunk 1).
-             Micro-batches go down through the chunks 0 (rank 0 -> P-1), turn on rank P-1 (its
-             chunk 0 output is its chunk 1 input, no communication), and come back up through
-             the chunks 1 (rank P-1 -> 0); the loss is on rank 0.
-  DualPipe   two copies of a P-stage model: rank r holds stage r of direction 0 (chunk 0) and
-             stage P-1-r of direction 1 (chunk 1). Micro-batches 0..M/2-1 go down direction 0
-             (loss on rank P-1), M/2..M-1 up direction 1 (loss on rank 0). Rank r's chunk 0 and
-             rank P-1-r's chunk 1 are mirrors (the same stage): after the last backward their
-             expert loads and then their gradients are summed (`_sum_with_mirror`), so both
-             copies take the same bias update and optimizer step and stay identical.
-A chunk's neighbours are the holders of the previous and the next stage of its direction:
-another rank (P2P, comm.py), this rank (the V's turn, kept in a dict), or none (it takes
-tokens, or it computes the loss).
+Placement, orders and the action kinds are described once in docs/pipeline.md; the contract
+with Megatron in docs/schedule-contract.md. `forward_backward(schedule, **megatron_kwargs)`
+runs one global batch of a two-chunk schedule record (`registry.PipelineSchedule`:
+its validation, order, placement and `mirrored`); the registry hands Megatron the record
+bound to it (`PipelineSchedule.forward_backward_func`).
 
-Execution. Each rank walks its own order, one action at a time:
-  F          receive the input, `schedules.forward_step`, send the output;
-  B          receive the output gradient, `schedules.backward_step` inside
-             `WeightGradStore.capture`, send the input gradient: the linears' weight GEMMs are
-             queued, not run (weight_grad.py);
-  W          run the oldest queued B's weight GEMMs (first in, first out; it is this W's);
-  BW         as B, but the weight gradients are computed at once (a full backward);
-  FB         one micro-batch's forward with another's full backward. If the forward chunk
-             (under its DDP wrapper) has `overlapped_forward_backward`, that runs them: it takes
-             the keyword arguments of `sequential_forward_backward` (Megatron's
-             `combined_forward_backward_step` names: f_model, input_tensor, b_model,
-             b_input_tensor, b_output_tensor, b_output_tensor_grad, ...) and returns what it
-             returns, (output, num_tokens, input gradient); it may interleave the two
-             (attention / dispatch / MLP / combine, PAPER.md §6). Otherwise
-             `sequential_forward_backward` runs the forward, then the backward.
+A chunk's neighbours (`Neighbour(rank, chunk)`) are the holders of the previous and the
+next stage of its direction: another rank (P2P, comm.py), this rank (the V's turn, kept in
+a dict), or none (it takes tokens, or it computes the loss). Each rank walks its own order:
+  F    receive the input, `schedules.forward_step`, send the output;
+  B    receive the output gradient, `schedules.backward_step` inside
+       `WeightGradStore.capture`, send the input gradient: the linears' weight GEMMs are
+       queued, not run (megatron_dsv3/weight_grad.py);
+  W    run the oldest queued B's weight GEMMs (first in, first out: it is this W's);
+  BW   as B, with the weight gradients computed at once (a full backward);
+  FB   one micro-batch's forward with another's full backward: through the forward
+       chunk's `overlapped_forward_backward` (under its DDP wrapper) when it has one, which
+       takes the keyword arguments of `sequential_forward_backward` and returns what it
+       returns, (output, num_tokens, input gradient); else `sequential_forward_backward`
+       runs the forward, then the backward.
 Reusing Megatron's forward_step / backward_step sets the MoE and MTP loss scales, divides
 the loss by the micro-batch count and applies `grad_scale_func`, as upstream schedules do.
 Sends are non-blocking and receives block (comm.py), so a rank waits only for what its next
 action needs; the orders are deadlock-free under that rule (simulate.py replays them).
-
-Timeline. Inside `record_timeline()` every rank records each action's wall-clock start and
-end on the host; `TimelineRecorder.timeline(group)` gathers them into a `simulate.Timeline`,
-the type the simulator returns, for the same bubble / activation measures and
-`plot_timeline`. On GPU the host times are those of kernel launches unless something
-synchronises (a blocking receive does); on CPU they are the work itself.
-
-The executor gives each chunk's local linears the deferrable forward at the start of a run
-(`enable_weight_grad_deferral`, idempotent). Deferred weight gradients reach DDP's main_grad
-through autograd and DDP's own hook, each weight's once per micro-batch as in a full
-backward, so the gradients are bit-identical to a run without deferral (weight_grad.py).
 DDP's sync of a chunk must see the B and the W of its last micro-batch: both run outside
-`no_sync`.
+`no_sync`. DualPipe's mirrors (rank r's chunk 0 and rank P-1-r's chunk 1) sum their expert
+loads before `finalize_model_grads` and their gradients after it (`_sum_with_mirror`), so both
+copies take the same bias update and optimizer step.
 
-Failures. A rank that raises stops sending; its neighbours' receives then fail, at once if
-its process has exited, else after the pipeline group's timeout (comm.py), and the error
-spreads rank by rank the same way: every rank raises, within at most about P timeouts.
+Timeline: pass `timeline=TimelineRecorder()` and every action's host wall-clock start and end
+is recorded; `recorder.timeline(group)` gathers them into the simulator's `Timeline`. On GPU
+the host times are those of kernel launches unless something synchronises (a blocking
+receive does); on CPU they are the work itself.
 
-Contract (DESIGN.md, "Contracts a Megatron schedule must honour"):
-  - Loss dicts. Megatron's `is_pipeline_last_stage` is true on rank P-1, and Megatron-LM
-    reads the losses there. So at the end the ranks that computed losses elsewhere (rank 0)
-    send them (with the token count) to rank P-1, which returns them, one per micro-batch in
-    micro-batch order; the other ranks return [].
-  - `no_sync_func` (one callable, or one per chunk) holds DDP's gradient sync off except
-    during each chunk's last backward; `grad_sync_func` (if set) is called per chunk at the
-    end; `param_sync_func` (if set) per chunk at the start.
-  - `finalize_model_grads_func` once per global batch (not in forward_only). The embedding
-    is one module per rank (layout.py): no first/last-stage copy to all-reduce. Megatron's
-    embedding group must therefore be rank 0 alone (`layout.dualpipev_embedding_ranks`); its
-    default, ranks 0 and P-1, is rejected (ValueError) since the all-reduce would hang.
-Not supported yet (ValueError): adjust_tensor_shapes_fn, gradient_accumulation_fusion (its fused
-kernel accumulates weight gradients inside the backward). Ignored as by no-pipelining:
-decoder_seq_length (no encoder), p2p_communicator (its one-chunk-per-rank
-send/recv pairs do not express two chunks; comm.py communicates over the same pipeline group).
-On GPU, Megatron's combined-1F1B plans (`TransformerModelChunkSchedulePlan`) are not wired in
-as a chunk's `overlapped_forward_backward` yet: they need expert parallelism on GPUs.
+Failures: a rank that raises stops sending; its neighbours' receives fail at once if its
+process has exited, else after the pipeline group's timeout (comm.py), and the error spreads
+rank by rank: every rank raises, within at most about P timeouts.
+
+Rejected (ValueError, before any communication): a model that is not two chunks,
+micro-batch counts the schedule cannot run, adjust_tensor_shapes_fn, an embedding group
+other than pipeline rank 0 alone, gradient_accumulation_fusion. Ignored, as by
+no-pipelining: decoder_seq_length (no encoder), p2p_communicator (its one-chunk-per-rank
+send/recv pairs do not express two chunks; comm.py uses the same pipeline group).
 """
 
 from __future__ import annotations
@@ -80,46 +52,26 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.pipeline_parallel.schedules import backward_step, check_first_val_step, deallocate_output_tensor, forward_step
-from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.utils import get_attr_wrapped_model, get_model_config, get_pg_size
 
 from megatron_dsv3.pipeline import schedule
 from megatron_dsv3.pipeline.comm import ACTIVATION, GRADIENT, NeighbourP2P
 from megatron_dsv3.pipeline.simulate import TimedAction, Timeline
-from megatron_dsv3.pipeline.weight_grad import WeightGradStore, enable_weight_grad_deferral
-from megatron_dsv3.routing import LoadRecordingRouter
+from megatron_dsv3.routing import expert_load_counts
+from megatron_dsv3.weight_grad import WeightGradStore, check_deferrable, enable_weight_grad_deferral
+
+if TYPE_CHECKING:
+    from megatron_dsv3.pipeline.registry import PipelineSchedule
 
 
-@dataclass(frozen=True)
-class _TwoChunkSchedule:
-    name: str
-    layout_builder: str  # the megatron_dsv3.pipeline.layout function building its chunks
-    validate: Callable[[int, int], None]
-    order: Callable[[int, int], list]
-    placement: Callable[[int, int], schedule.Placement]
-
-
-DUALPIPEV = _TwoChunkSchedule("DualPipeV", "dualpipev_chunks", schedule.validate_dualpipev, schedule.dualpipev_order, schedule.dualpipev_placement)
-DUALPIPE = _TwoChunkSchedule("DualPipe", "dualpipe_chunks", schedule.validate_dualpipe, schedule.dualpipe_order, schedule.dualpipe_placement)
-
-
-def forward_backward_dualpipev(**kwargs):
-    """DualPipeV with Megatron's `forward_backward_func` signature and return contract."""
-    return _forward_backward(DUALPIPEV, **kwargs)
-
-
-def forward_backward_dualpipe(**kwargs):
-    """DualPipe with Megatron's `forward_backward_func` signature and return contract."""
-    return _forward_backward(DUALPIPE, **kwargs)
-
-
-def _forward_backward(
-    spec: _TwoChunkSchedule,
+def forward_backward(
+    spec: PipelineSchedule,
     *,
     forward_step_func,
     data_iterator,
@@ -135,34 +87,39 @@ def _forward_backward(
     p2p_communicator=None,
     pg_collection=None,
     force_all_reduce: bool = False,
+    timeline: TimelineRecorder | None = None,
 ):
-    group = pg_collection.pp if pg_collection is not None else parallel_state.get_pipeline_model_parallel_group()
-    num_ranks, rank = group.size(), group.rank()
-    embedding_group = pg_collection.embd if pg_collection is not None else parallel_state.get_embedding_group(check_initialized=False)
-    _check_setup(spec, model, data_iterator, num_ranks, num_microbatches, adjust_tensor_shapes_fn, get_pg_size(embedding_group))
+    """One global batch of the two-chunk schedule `spec`, with Megatron's `forward_backward_func`
+    signature and return contract; `timeline` records what this rank ran (design note)."""
+    groups = _process_groups(pg_collection)
+    num_ranks, rank = groups.pp.size(), groups.pp.rank()
+    _check_setup(spec, model, data_iterator, num_ranks, num_microbatches, adjust_tensor_shapes_fn, get_pg_size(groups.embd))
     config = get_model_config(model[0])
     placement = spec.placement(num_ranks, num_microbatches)
+    if timeline is not None:
+        timeline.placement = placement
     executor = _RankExecutor(
         model=model,
         config=config,
         placement=placement,
         feed=_MicrobatchFeed(data_iterator, placement, rank),
-        p2p=NeighbourP2P(group, _boundary_shape(config, seq_length, micro_batch_size, pg_collection), _boundary_dtype(config), next(model[0].parameters()).device),
+        p2p=NeighbourP2P(groups.pp, _boundary_shape(config, seq_length, micro_batch_size, groups), _boundary_dtype(config),
+                         next(model[0].parameters()).device),
         rank=rank,
         forward_step_func=forward_step_func,
         num_microbatches=num_microbatches,
-        cp_size=pg_collection.cp.size() if pg_collection is not None else parallel_state.get_context_parallel_world_size(),
+        cp_size=groups.cp.size(),
         forward_only=forward_only,
         first_val_step=first_val_step,
         collect_non_loss_data=collect_non_loss_data,
+        timeline=timeline,
     )
     executor.run(spec.order(num_ranks, num_microbatches)[rank])
-    losses, total_num_tokens = _move_losses_to_last_stage(executor, group)
+    losses, total_num_tokens = _move_losses_to_last_stage(executor, groups.pp)
 
     if not forward_only:
-        mirrored = len(placement.microbatches) == 2  # DualPipe: two copies of every stage
-        if mirrored:
-            _sum_with_mirror([_expert_load_counts(chunk) for chunk in model], group)
+        if spec.mirrored:
+            _sum_with_mirror([expert_load_counts(chunk) for chunk in model], groups.pp)
         if config.finalize_model_grads_func is not None:
             config.finalize_model_grads_func(
                 model,
@@ -170,18 +127,26 @@ def _forward_backward(
                 pg_collection=pg_collection,
                 force_all_reduce=force_all_reduce,
             )
-        if mirrored:  # after DP's reduction (it may still be in flight before finalize); both are sums
-            _sum_with_mirror([_gradients(chunk) for chunk in model], group)
+        if spec.mirrored:  # after DP's reduction (it may still be in flight before finalize); both are sums
+            _sum_with_mirror([_gradients(chunk) for chunk in model], groups.pp)
     return losses
 
 
-def _check_setup(spec: _TwoChunkSchedule, model, data_iterator, num_ranks: int, num_microbatches: int, adjust_tensor_shapes_fn, embedding_group_size: int) -> None:
+def _process_groups(pg_collection: ProcessGroupCollection | None) -> ProcessGroupCollection:
+    """The groups the executor uses: the caller's, or Megatron's parallel_state ones."""
+    if pg_collection is not None:
+        return pg_collection
+    return ProcessGroupCollection.use_mpu_process_groups(required_pgs=["pp", "embd", "cp", "tp"])
+
+
+def _check_setup(spec: PipelineSchedule, model, data_iterator, num_ranks: int, num_microbatches: int, adjust_tensor_shapes_fn,
+                 embedding_group_size: int) -> None:
     """Reject what the executor cannot run, before any communication."""
     if not isinstance(model, list) or len(model) != 2:
         got = f"has {len(model)} chunks" if isinstance(model, list) else f"is a {type(model).__name__}, not a list of chunks"
         raise ValueError(
             f"model {got}: {spec.name} runs exactly two per rank. "
-            f"Fix: build them with megatron_dsv3.pipeline.layout.{spec.layout_builder}."
+            f"Fix: build them with megatron_dsv3.pipeline.layout.{spec.build_chunks.__name__}."
         )
     spec.validate(num_ranks, num_microbatches)
     if isinstance(data_iterator, list) and len(data_iterator) != 2:
@@ -189,28 +154,21 @@ def _check_setup(spec: _TwoChunkSchedule, model, data_iterator, num_ranks: int, 
             f"data_iterator is a list of {len(data_iterator)}: give one iterator per chunk (2), or one iterator for both."
         )
     if adjust_tensor_shapes_fn is not None:
-        raise ValueError(f"adjust_tensor_shapes_fn is not supported by the {spec.name} executor yet. Fix: pass None.")
+        raise ValueError(f"adjust_tensor_shapes_fn is not supported by the {spec.name} executor. Fix: pass None.")
     if embedding_group_size > 1:
         raise ValueError(
             f"Megatron's embedding group has {embedding_group_size} ranks: {spec.name} keeps one embedding per rank "
             "(shared by the input and the MTP block), so there is no first/last-stage copy to all-reduce. Fix: "
-            "initialize_model_parallel(..., get_embedding_ranks=megatron_dsv3.pipeline.layout.dualpipev_embedding_ranks)."
+            f"initialize_model_parallel(..., get_embedding_ranks=megatron_dsv3.pipeline.layout.{spec.get_embedding_ranks.__name__})."
         )
-    if get_model_config(model[0]).gradient_accumulation_fusion:
-        raise ValueError(
-            f"gradient_accumulation_fusion=True: {spec.name} defers the local linears' weight gradients (weight_grad.py), "
-            "which Megatron's fused accumulation kernel cannot. Fix: gradient_accumulation_fusion=False "
-            "(Megatron-LM: --no-gradient-accumulation-fusion)."
-        )
+    check_deferrable(get_model_config(model[0]))
 
 
-def _boundary_shape(config, seq_length: int, micro_batch_size: int, pg_collection) -> tuple[int, int, int]:
+def _boundary_shape(config, seq_length: int, micro_batch_size: int, groups: ProcessGroupCollection) -> tuple[int, int, int]:
     """(sequence, micro-batch, hidden) of the tensor between two stages on this rank."""
-    cp_size = pg_collection.cp.size() if pg_collection is not None else parallel_state.get_context_parallel_world_size()
-    tp_size = pg_collection.tp.size() if pg_collection is not None else parallel_state.get_tensor_model_parallel_world_size()
-    sequence = seq_length // cp_size
+    sequence = seq_length // groups.cp.size()
     if config.sequence_parallel:
-        sequence //= tp_size
+        sequence //= groups.tp.size()
     return (sequence, micro_batch_size, config.hidden_size)
 
 
@@ -300,7 +258,7 @@ def _overlap_hook(chunk) -> Callable | None:
 
 
 class TimelineRecorder:
-    """Wall-clock records of the actions run inside `record_timeline()` on this rank."""
+    """Wall-clock records of the actions this rank ran with `forward_backward(..., timeline=recorder)`."""
 
     def __init__(self):
         self.records: list[TimedAction] = []
@@ -314,56 +272,67 @@ class TimelineRecorder:
             torch.distributed.all_gather_object(gathered, self.records, group=group)
         records = [record for rank_records in gathered for record in rank_records]
         if not records:
-            raise ValueError("no actions were recorded: run the schedule inside record_timeline().")
+            raise ValueError("no actions were recorded: pass timeline=recorder to the executor.")
         origin = min(record.start for record in records)
         shifted = tuple(TimedAction(r.rank, r.action, r.start - origin, r.end - origin) for r in records)
         return Timeline(shifted, self.placement, costs=None)
 
 
-_recorder: TimelineRecorder | None = None
+class Neighbour(NamedTuple):
+    """The holder of an adjacent stage: pipeline rank and its chunk."""
+
+    rank: int
+    chunk: int
 
 
-@contextlib.contextmanager
-def record_timeline():
-    """Within it, the two-chunk executors record every action they run (see the design note)."""
-    global _recorder
-    previous, _recorder = _recorder, TimelineRecorder()
-    try:
-        yield _recorder
-    finally:
-        _recorder = previous
+@dataclass
+class _ForwardInputs:
+    """The keyword arguments of Megatron's `forward_step` (and of an FB hook) for one forward."""
+
+    forward_step_func: Callable
+    data_iterator: object
+    num_microbatches: int
+    input_tensor: torch.Tensor | None
+    forward_data_store: list
+    config: object
+    current_microbatch: int
+    is_first_microbatch: bool
+
+    def kwargs(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+@dataclass
 class _RankExecutor:
     """Runs one rank's order over its two chunks (the design note)."""
 
-    def __init__(self, *, model, config, placement, feed, p2p, rank, forward_step_func, num_microbatches, cp_size, forward_only,
-                 first_val_step, collect_non_loss_data):
-        self.model = model
-        self.config = config
-        self.placement = placement
-        self.feed = feed
-        self.p2p = p2p
-        self.rank = rank
-        self.forward_step_func = forward_step_func
-        self.num_microbatches = num_microbatches
-        self.cp_size = cp_size
-        self.forward_only = forward_only
-        self.first_val_step = first_val_step
-        self.collect_non_loss_data = collect_non_loss_data
+    model: list
+    config: object
+    placement: schedule.Placement
+    feed: _MicrobatchFeed
+    p2p: NeighbourP2P
+    rank: int
+    forward_step_func: Callable
+    num_microbatches: int
+    cp_size: int
+    forward_only: bool
+    first_val_step: bool | None
+    collect_non_loss_data: bool
+    timeline: TimelineRecorder | None
+
+    def __post_init__(self):
+        placement, rank = self.placement, self.rank
         self.losses: dict[int, object] = {}  # micro-batch -> loss dict, on the chunks computing the loss
-        self.total_num_tokens = torch.zeros((), dtype=torch.int, device=p2p.device)
-        holder = {stage: (r, chunk) for r, chunks in enumerate(placement.stage_of) for chunk, stage in enumerate(chunks)}
+        self.total_num_tokens = torch.zeros((), dtype=torch.int, device=self.p2p.device)
+        holder = {stage: Neighbour(r, chunk) for r, chunks in enumerate(placement.stage_of) for chunk, stage in enumerate(chunks)}
         last_stage = placement.num_stages - 1
-        # per chunk: who holds the previous / next stage of its direction, (rank, chunk) or None
-        self.previous = [holder.get((d, s - 1)) if s > 0 else None for d, s in placement.stage_of[rank]]
-        self.next = [holder.get((d, s + 1)) if s < last_stage else None for d, s in placement.stage_of[rank]]
+        # per chunk: who holds the previous / next stage of its direction, or None
+        self.previous: list[Neighbour | None] = [holder.get((d, s - 1)) if s > 0 else None for d, s in placement.stage_of[rank]]
+        self.next: list[Neighbour | None] = [holder.get((d, s + 1)) if s < last_stage else None for d, s in placement.stage_of[rank]]
         self._saved: dict[tuple[int, int], tuple] = {}  # (chunk, mb) -> (input, output) until backward
-        self._local: dict[tuple[str, int, int], torch.Tensor] = {}  # (stream, to chunk, mb) -> tensor kept on this rank
-        self.grad_sync = _GradSync(config.no_sync_func)
+        self._local: dict[tuple[int, int, int], torch.Tensor] = {}  # (stream, to chunk, mb) -> tensor kept on this rank
+        self.grad_sync = _GradSync(self.config.no_sync_func)
         self.weight_grads = WeightGradStore()  # B's deferred weight gradients, until their W
-        if _recorder is not None:
-            _recorder.placement = placement
 
     def computes_loss(self, chunk: int) -> bool:
         return self.next[chunk] is None
@@ -379,8 +348,8 @@ class _RankExecutor:
         for action in actions:
             start = time.time()
             self.run_action(action)
-            if _recorder is not None:
-                _recorder.records.append(TimedAction(self.rank, action, start, time.time()))
+            if self.timeline is not None:
+                self.timeline.records.append(TimedAction(self.rank, action, start, time.time()))
         self.p2p.wait_all()
         if len(self.weight_grads):
             raise RuntimeError(f"rank {self.rank}: {len(self.weight_grads)} deferred B's had no W in the order.")
@@ -404,28 +373,28 @@ class _RankExecutor:
 
     # -- where each chunk's boundary tensors come from and go to ---------------------------
 
-    def _receive(self, stream: int, neighbour, chunk: int, microbatch: int) -> torch.Tensor | None:
+    def _receive(self, stream: int, neighbour: Neighbour | None, chunk: int, microbatch: int) -> torch.Tensor | None:
         if neighbour is None:
             return None
-        if neighbour[0] == self.rank:
+        if neighbour.rank == self.rank:
             return self._local.pop((stream, chunk, microbatch))
-        return self.p2p.recv(neighbour[0], stream)
+        return self.p2p.recv(neighbour.rank, stream)
 
-    def _send(self, stream: int, neighbour, microbatch: int, tensor: torch.Tensor | None) -> None:
+    def _send(self, stream: int, neighbour: Neighbour | None, microbatch: int, tensor: torch.Tensor | None) -> None:
         if neighbour is None:
             return
-        if neighbour[0] == self.rank:
-            self._local[stream, neighbour[1], microbatch] = tensor.detach() if stream == ACTIVATION else tensor
+        if neighbour.rank == self.rank:
+            self._local[stream, neighbour.chunk, microbatch] = tensor.detach() if stream == ACTIVATION else tensor
         else:
-            self.p2p.send(tensor, neighbour[0], stream)
+            self.p2p.send(tensor, neighbour.rank, stream)
 
     # -- computations ------------------------------------------------------------------------
 
-    def _forward_inputs(self, chunk: int, microbatch: int) -> dict:
+    def _forward_inputs(self, chunk: int, microbatch: int) -> _ForwardInputs:
         input_tensor = self._receive(ACTIVATION, self.previous[chunk], chunk, microbatch)
         if input_tensor is not None and not self.forward_only:
             input_tensor.requires_grad_()
-        return dict(
+        return _ForwardInputs(
             forward_step_func=self.forward_step_func,
             data_iterator=self.feed.iterator(chunk, microbatch),
             num_microbatches=self.num_microbatches,
@@ -438,10 +407,10 @@ class _RankExecutor:
             ),
         )
 
-    def _forward_done(self, chunk: int, microbatch: int, inputs: dict, output, num_tokens) -> None:
+    def _forward_done(self, chunk: int, microbatch: int, inputs: _ForwardInputs, output, num_tokens) -> None:
         if self.computes_loss(chunk):
             self.total_num_tokens = self.total_num_tokens + torch.as_tensor(num_tokens, device=self.p2p.device)
-            self.losses[microbatch] = inputs["forward_data_store"][0]
+            self.losses[microbatch] = inputs.forward_data_store[0]
         else:
             # Megatron's Float16Module returns FP32 on its last pipeline rank (P-1), which here is
             # not where the loss is: the boundary's dtype (differentiably, for the backward)
@@ -450,13 +419,13 @@ class _RankExecutor:
             # only its grad_fn is needed now (Megatron's deallocate_pipeline_outputs)
             deallocate_output_tensor(output, self.config.deallocate_pipeline_outputs)
         if not self.forward_only:
-            self._saved[chunk, microbatch] = (inputs["input_tensor"], output)
+            self._saved[chunk, microbatch] = (inputs.input_tensor, output)
 
     def forward(self, chunk: int, microbatch: int) -> None:
         inputs = self._forward_inputs(chunk, microbatch)
         output, num_tokens = forward_step(
             model=self.model[chunk], cp_group_size=self.cp_size, collect_non_loss_data=self.collect_non_loss_data,
-            is_last_stage=self.computes_loss(chunk), **inputs,
+            is_last_stage=self.computes_loss(chunk), **inputs.kwargs(),
         )
         self._forward_done(chunk, microbatch, inputs, output, num_tokens)
 
@@ -487,7 +456,7 @@ class _RankExecutor:
             output, num_tokens, input_gradient = run(
                 f_model=self.model[f_chunk], b_model=self.model[b_chunk], b_input_tensor=b_input, b_output_tensor=b_output,
                 b_output_tensor_grad=b_output_gradient, cp_group_size=self.cp_size,
-                collect_non_loss_data=self.collect_non_loss_data, is_last_stage=self.computes_loss(f_chunk), **inputs,
+                collect_non_loss_data=self.collect_non_loss_data, is_last_stage=self.computes_loss(f_chunk), **inputs.kwargs(),
             )
         self._forward_done(f_chunk, f_microbatch, inputs, output, num_tokens)
         self._send(GRADIENT, self.previous[b_chunk], b_microbatch, input_gradient)
@@ -549,17 +518,6 @@ def _gradients(chunk) -> list[torch.Tensor]:
                 param.grad = torch.zeros_like(param)
             gradients.append(param.grad)
     return gradients
-
-
-def _expert_load_counts(chunk) -> list[torch.Tensor]:
-    """What the end-of-step bias update and load recording read: tokens per expert of each router."""
-    counts = []
-    for module in chunk.modules():
-        if isinstance(module, TopKRouter) and module.local_tokens_per_expert is not None:
-            counts.append(module.local_tokens_per_expert)
-        if isinstance(module, LoadRecordingRouter):
-            counts.append(module.step_tokens_per_expert)
-    return counts
 
 
 def _sum_with_mirror(tensors_of_chunk: list[list[torch.Tensor]], group) -> None:

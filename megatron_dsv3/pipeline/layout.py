@@ -1,17 +1,13 @@
 """Model chunks for the two-chunk placements: DualPipeV's V and DualPipe's two directions.
 
-A placement (schedule.py) cuts the model into stages and gives each pipeline rank r of P two:
-  DualPipeV  2P stages in a V: chunk 0 = stage r, chunk 1 = stage 2P-1-r.
-  DualPipe   P stages, two copies of the model running in opposite directions: chunk 0 =
-             stage r of direction 0, chunk 1 = stage P-1-r of direction 1. Rank r's chunk 0
-             and rank P-1-r's chunk 1 are the same stage: *mirrors*, built identical and kept
-             identical (the executor sums their gradients and expert loads, dualpipe.py).
+The placements themselves (which rank holds which stage, DualPipe's mirrors) are described in
+docs/pipeline.md and defined by `schedule.dualpipev_stages` / `schedule.dualpipe_stages`.
 Each chunk is a Megatron `GPTModel` holding the decoder layers of its stage:
   - the first stage has the embedding (`pre_process`);
   - the last stage has the final norm, the output head (`post_process`) and the MTP block.
     Both placements put the first and the last stage on the same ranks (DualPipeV: rank 0;
     DualPipe: ranks 0 and P-1), so the MTP block's embedding is the *same module object* as
-    the first stage's on that rank: physically shared, no copy to keep in sync (PAPER.md §6).
+    the first stage's on that rank: physically shared, no copy to keep in sync (report §3.2).
     The first stage's chunk owns it (registered there only), so DDP, the optimizer and
     checkpoints see it once per rank; the last stage's chunk only refers to it.
   - every other chunk is decoder layers only.
@@ -54,6 +50,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, get_tr
 from megatron.core.utils import get_pg_rank
 
 from megatron_dsv3 import specs
+from megatron_dsv3.pipeline import schedule
 
 
 class _StageTransformerLayer(TransformerLayer):
@@ -164,14 +161,14 @@ class _AsSingleProcess:
         parallel_state.set_pipeline_model_parallel_world_size(self._saved[1])
 
 
-def dualpipev_embedding_ranks(pp_ranks: list[int]) -> list[int]:
+def embedding_on_first_rank(pp_ranks: list[int]) -> list[int]:
     """Megatron's embedding group for DualPipe and DualPipeV: pipeline rank 0 alone.
 
     Megatron's default pairs the first and last pipeline ranks to keep a duplicated
     embedding in sync (an all-reduce when a stage is built, another in finalize_model_grads).
     Here the embedding is shared within a rank (the module note), and DualPipe's mirrored
     copy is summed by the executor with every other mirrored parameter: no all-reduce to do.
-    Pass as `initialize_model_parallel(..., get_embedding_ranks=dualpipev_embedding_ranks)`."""
+    Pass as `initialize_model_parallel(..., get_embedding_ranks=embedding_on_first_rank)`."""
     return [pp_ranks[0]]
 
 
@@ -223,17 +220,13 @@ def _copy_from_full(chunk: GPTModel, full: GPTModel, layer_offset: int) -> None:
 
 def dualpipev_chunks(config, pp_rank: int, pp_size: int, layers_per_stage=None, init_as_single_process: bool = True) -> list[GPTModel]:
     """Rank `pp_rank`'s two DualPipeV chunks: [stage pp_rank, stage 2P-1-pp_rank] of 2P stages."""
-    stages, num_stages = chunk_stages("dualpipev", pp_rank, pp_size)
-    return _two_chunks(config, pp_rank, pp_size, stages, num_stages, layers_per_stage, init_as_single_process)
+    return _two_chunks(config, pp_rank, pp_size, schedule.dualpipev_stages(pp_size), layers_per_stage, init_as_single_process)
 
 
 def dualpipe_chunks(config, pp_rank: int, pp_size: int, layers_per_stage=None, init_as_single_process: bool = True) -> list[GPTModel]:
     """Rank `pp_rank`'s two DualPipe chunks: [stage pp_rank of direction 0, stage P-1-pp_rank of
     direction 1] of P stages; rank P-1-pp_rank holds their mirrors."""
-    if pp_size % 2:
-        raise ValueError(f"pp_size={pp_size}: DualPipe needs an even pipeline size (two directions meet in the middle). Fix: use an even pipeline_model_parallel_size, or DualPipeV.")
-    stages, num_stages = chunk_stages("dualpipe", pp_rank, pp_size)
-    chunks = _two_chunks(config, pp_rank, pp_size, stages, num_stages, layers_per_stage, init_as_single_process)
+    chunks = _two_chunks(config, pp_rank, pp_size, schedule.dualpipe_stages(pp_size), layers_per_stage, init_as_single_process)
     if not init_as_single_process:
         _copy_mirrors(chunks)
     # Chunk 1 is the mirror: checkpoints write its stage from the other copy, and gradient
@@ -263,21 +256,14 @@ def _copy_mirrors(chunks: list[GPTModel]) -> None:
             target.copy_(received)
 
 
-def chunk_stages(schedule: str, pp_rank: int, pp_size: int) -> tuple[tuple[int, int], int]:
-    """((stage of chunk 0, stage of chunk 1), number of stages) of a rank under `schedule`."""
-    if schedule == "dualpipev":
-        return (pp_rank, 2 * pp_size - 1 - pp_rank), 2 * pp_size
-    if schedule == "dualpipe":
-        return (pp_rank, pp_size - 1 - pp_rank), pp_size
-    raise ValueError(f"schedule={schedule!r}: two-chunk layouts exist for 'dualpipe' and 'dualpipev'.")
-
-
-def _two_chunks(config, pp_rank: int, pp_size: int, stages: tuple[int, int], num_stages: int, layers_per_stage,
+def _two_chunks(config, pp_rank: int, pp_size: int, stage_map: schedule.StageMap, layers_per_stage,
                 init_as_single_process: bool) -> list[GPTModel]:
-    """The chunks holding `stages` (see the module note). `config.pipeline_model_parallel_size`
+    """The chunks of rank `pp_rank` in `stage_map` (see the module note). `config.pipeline_model_parallel_size`
     must be `pp_size` (Megatron's pipeline group is what the executor communicates over)."""
-    if pp_size < 1 or not 0 <= pp_rank < pp_size:
-        raise ValueError(f"pp_rank={pp_rank}, pp_size={pp_size}: need pp_size >= 1 and 0 <= pp_rank < pp_size")
+    if not 0 <= pp_rank < pp_size:
+        raise ValueError(f"pp_rank={pp_rank}, pp_size={pp_size}: need 0 <= pp_rank < pp_size")
+    stages = tuple(stage for _, stage in stage_map[pp_rank])
+    num_stages = 1 + max(stage for chunks in stage_map for _, stage in chunks)
     if config.pipeline_model_parallel_size != pp_size:
         raise ValueError(
             f"config.pipeline_model_parallel_size={config.pipeline_model_parallel_size} but pp_size={pp_size}. "

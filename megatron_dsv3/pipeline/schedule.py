@@ -4,8 +4,8 @@ Design note
 -----------
 An *order* is `list[list[Action]]`: `order[rank]` is what that rank computes, in sequence,
 during one global batch. It says nothing about time: a rank runs its next action as soon as
-the inputs that action needs have arrived (`simulate.py` replays an order with costs; the
-multi-process executor will do the same with real Megatron model chunks and P2P).
+the inputs that action needs have arrived (`simulate.py` replays an order with costs;
+`dualpipe.py` runs it with real Megatron model chunks and P2P).
 
 Placement. A *direction* is one pipeline of `num_stages` stages that micro-batches go
 through, forward from stage 0 to the last stage (where the loss is), backward in reverse.
@@ -28,7 +28,7 @@ Actions (`Action.kind`):
   BW  full backward: B and W fused, nothing deferred.
   FB  one forward, of (chunk, microbatch), overlapped with one full backward, of
       (backward_chunk, backward_microbatch): two micro-batches, so the all-to-all of one
-      hides behind the compute of the other (PAPER.md §6). An executor that cannot
+      hides behind the compute of the other (report §3.2.1). An executor that cannot
       overlap runs the forward, then the backward.
 Every (chunk, microbatch) of a rank gets one F, one backward (B, BW or the backward of an
 FB) and one weight gradient (W after its B, or inside BW / FB); `check_order` checks it.
@@ -42,7 +42,7 @@ Set-ups each schedule can run (checked before anything is built, ValueError with
 The public DualPipe / DualPipeV ask for M >= 2P; one fewer (two for DualPipe) already gives
 every rank all its steps, a valid order and the paper's bubble.
 
-DualPipe's figure (PAPER.md §6, public deepseek-ai/DualPipe) is eight named steps per rank,
+DualPipe's figure (report §3.2.1, public deepseek-ai/DualPipe) is eight named steps per rank,
 written below as `_nF0` .. `_nW`; "0" is the rank's chunk on the way down the V, "1" its
 chunk on the way up. DualPipeV is DualPipe cut in half; conversely, ranks r and P-1-r of
 DualPipe both run the steps of rank min(r, P-1-r) of a DualPipeV on P/2 ranks with M/2
@@ -50,10 +50,7 @@ micro-batches per chunk, the way down being direction 0 for r < P/2 and directio
 r >= P/2 (the V turns between the two middle ranks). Both are built by `_dual_steps`.
 DualPipe's losses are on rank P-1 (direction 0) and rank 0 (direction 1).
 
-What the executor will do with an order: walk `order[rank]`; for each action receive what
-its forward / backward needs (from the neighbour rank, or from its own other chunk where
-the V turns), run it (FB through a module's `overlapped_forward_backward` when it has
-one), send what it produced, and keep B's weight-gradient closures queued until their W.
+How the executor runs an order, and the placements in full: docs/pipeline.md.
 """
 
 from __future__ import annotations
@@ -163,10 +160,8 @@ def validate_dualpipe(num_ranks: int, num_microbatches: int) -> None:
 
     Each direction gets M/2 micro-batches and runs as a DualPipeV on P/2 ranks, which needs
     M/2 >= 2 * (P/2) - 1 (the public DualPipe asks for M >= 2P)."""
-    _check_positive("num_ranks", num_ranks)
+    _check_dualpipe_ranks(num_ranks)
     _check_positive("num_microbatches", num_microbatches)
-    if num_ranks % 2:
-        raise ValueError(f"DualPipe needs an even number of ranks (two directions meet in the middle): got num_ranks={num_ranks}")
     if num_microbatches % 2:
         raise ValueError(
             f"DualPipe needs an even number of micro-batches (half enter each direction): got num_microbatches={num_microbatches}"
@@ -178,32 +173,55 @@ def validate_dualpipe(num_ranks: int, num_microbatches: int) -> None:
         )
 
 
+def _check_dualpipe_ranks(num_ranks: int) -> None:
+    _check_positive("num_ranks", num_ranks)
+    if num_ranks % 2:
+        raise ValueError(f"DualPipe needs an even number of ranks (two directions meet in the middle): got num_ranks={num_ranks}")
+
+
 # ----------------------------------------------------------------------------- placements
 
 
-def one_f_one_b_placement(num_stages: int, num_microbatches: int) -> Placement:
+# A rank's stages: `stages[rank][chunk] = (direction, stage)`, as `Placement.stage_of`.
+StageMap = tuple[tuple[tuple[int, int], ...], ...]
+
+
+def one_f_one_b_stages(num_ranks: int) -> StageMap:
     """1F1B and ZB1P: rank r holds stage r."""
+    _check_positive("num_stages", num_ranks)
+    return tuple(((0, r),) for r in range(num_ranks))
+
+
+def dualpipev_stages(num_ranks: int) -> StageMap:
+    """2P stages in a V: rank r holds stage r (chunk 0) and stage 2P-1-r (chunk 1)."""
+    _check_positive("num_ranks", num_ranks)
+    return tuple(((0, r), (0, 2 * num_ranks - 1 - r)) for r in range(num_ranks))
+
+
+def dualpipe_stages(num_ranks: int) -> StageMap:
+    """Two directions of P stages: rank r holds stage r of direction 0 and stage P-1-r of direction 1."""
+    _check_dualpipe_ranks(num_ranks)
+    return tuple(((0, r), (1, num_ranks - 1 - r)) for r in range(num_ranks))
+
+
+def one_f_one_b_placement(num_stages: int, num_microbatches: int) -> Placement:
+    """1F1B and ZB1P: rank r holds stage r; one direction takes every micro-batch."""
     validate_one_f_one_b(num_stages, num_microbatches)
-    return Placement(stage_of=tuple(((0, r),) for r in range(num_stages)), microbatches=(tuple(range(num_microbatches)),))
+    return Placement(stage_of=one_f_one_b_stages(num_stages), microbatches=(tuple(range(num_microbatches)),))
 
 
 def dualpipev_placement(num_ranks: int, num_microbatches: int) -> Placement:
-    """2P stages in a V: rank r holds stage r (chunk 0) and stage 2P-1-r (chunk 1)."""
+    """The V of `dualpipev_stages`; one direction takes every micro-batch."""
     validate_dualpipev(num_ranks, num_microbatches)
-    return Placement(
-        stage_of=tuple(((0, r), (0, 2 * num_ranks - 1 - r)) for r in range(num_ranks)),
-        microbatches=(tuple(range(num_microbatches)),),
-    )
+    return Placement(stage_of=dualpipev_stages(num_ranks), microbatches=(tuple(range(num_microbatches)),))
 
 
 def dualpipe_placement(num_ranks: int, num_microbatches: int) -> Placement:
-    """Two directions of P stages: rank r holds stage r of direction 0 and stage P-1-r of direction 1."""
+    """The two directions of `dualpipe_stages`; the first half of the micro-batches enters
+    direction 0, the second half direction 1."""
     validate_dualpipe(num_ranks, num_microbatches)
     half = num_microbatches // 2
-    return Placement(
-        stage_of=tuple(((0, r), (1, num_ranks - 1 - r)) for r in range(num_ranks)),
-        microbatches=(tuple(range(half)), tuple(range(half, num_microbatches))),
-    )
+    return Placement(stage_of=dualpipe_stages(num_ranks), microbatches=(tuple(range(half)), tuple(range(half, num_microbatches))))
 
 
 # ----------------------------------------------------------------------------- building orders

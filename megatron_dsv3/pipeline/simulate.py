@@ -6,7 +6,7 @@ stage s of the same micro-batch; the backward of stage s needs its own forward a
 backward of stage s+1; a W needs its B). Every computation inside an FB completes when the
 FB does.
 
-Definitions, chosen so that PAPER.md §6's table is what this replay measures:
+Definitions, chosen so that the report's table in §3.2.1 is what this replay measures:
   bubble of a rank   makespan of the global batch (first start to last end, over all ranks)
                      minus the time the rank computes. Ranks do unequal work once forwards
                      and backwards overlap (a rank with more FB's computes for less time).
@@ -39,7 +39,6 @@ from __future__ import annotations
 import math
 from collections import defaultdict, deque
 from dataclasses import dataclass
-from typing import Callable
 
 from megatron_dsv3.pipeline import schedule
 from megatron_dsv3.pipeline.schedule import Action, Placement
@@ -48,7 +47,7 @@ from megatron_dsv3.pipeline.schedule import Action, Placement
 @dataclass(frozen=True)
 class Costs:
     """Times of one stage's computations, in one unit: F a forward, B a *full* backward (input
-    and weight gradients, as PAPER.md §6), W the backward for weights alone (so a backward for
+    and weight gradients, as report §3.2.1), W the backward for weights alone (so a backward for
     inputs takes B - W), FB a forward and a full backward overlapped (the paper's F&B)."""
 
     F: float
@@ -81,7 +80,7 @@ class TimedAction:
 @dataclass(frozen=True)
 class Timeline:
     """Every action of every rank with its start and end: replayed by `simulate` (with its
-    costs), or recorded by a real run (`dualpipe.record_timeline`, seconds, costs None)."""
+    costs), or recorded by a real run (`dualpipe.TimelineRecorder`, seconds, costs None)."""
 
     records: tuple[TimedAction, ...]  # by rank, each rank's in its order
     placement: Placement
@@ -182,53 +181,20 @@ def bubble_dualpipev(num_ranks: int, costs: Costs) -> float:
     return (num_ranks - 1) * (costs.FB + costs.B - 3 * costs.W)
 
 
-def _always(num_ranks: int, num_microbatches: int, costs: Costs) -> bool:
+def always(num_ranks: int, num_microbatches: int, costs: Costs) -> bool:
     return True
 
 
-def _zb1p_formula_holds(num_ranks: int, num_microbatches: int, costs: Costs) -> bool:
+def zb1p_formula_holds(num_ranks: int, num_microbatches: int, costs: Costs) -> bool:
     return num_microbatches >= num_ranks and costs.W <= min(costs.F, costs.B - costs.W)
 
 
-def _dualpipe_formula_holds(num_ranks: int, num_microbatches: int, costs: Costs) -> bool:
+def dualpipe_formula_holds(num_ranks: int, num_microbatches: int, costs: Costs) -> bool:
     return math.isclose(costs.F, costs.B - costs.W) and costs.W <= costs.F
 
 
-@dataclass(frozen=True)
-class ScheduleSpec:
-    """One schedule of PAPER.md §6's table on P ranks and M micro-batches.
-
-    bubble_formula(P, costs): the table's bubble.
-    formula_holds(P, M, costs): whether that formula is exact here (module docstring).
-    activation_bound(P): the table's activations per device, in chunk activations."""
-
-    name: str
-    order: Callable[[int, int], list[list[Action]]]
-    placement: Callable[[int, int], Placement]
-    bubble_formula: Callable[[int, Costs], float]
-    formula_holds: Callable[[int, int, Costs], bool]
-    activation_bound: Callable[[int], int]
-
-
-SCHEDULES = {
-    spec.name: spec
-    for spec in (
-        ScheduleSpec("1F1B", schedule.one_f_one_b_order, schedule.one_f_one_b_placement, bubble_1f1b, _always, lambda p: p),
-        ScheduleSpec("ZB1P", schedule.zb1p_order, schedule.one_f_one_b_placement, bubble_zb1p, _zb1p_formula_holds, lambda p: p),
-        ScheduleSpec(
-            "DualPipe", schedule.dualpipe_order, schedule.dualpipe_placement, bubble_dualpipe, _dualpipe_formula_holds,
-            lambda p: p + 1,  # PP + 1 with PP = P full-size stages
-        ),
-        ScheduleSpec(
-            "DualPipeV", schedule.dualpipev_order, schedule.dualpipev_placement, bubble_dualpipev, _dualpipe_formula_holds,
-            lambda p: 2 * p + 1,  # PP + 1 with PP = 2P half-size stages, i.e. P + 1/2 full-size ones
-        ),
-    )
-}
-
-
-def simulate_schedule(spec: ScheduleSpec, num_ranks: int, num_microbatches: int, costs: Costs) -> Timeline:
-    """Build `spec`'s order on P ranks, check it, and replay it."""
+def simulate_schedule(spec, num_ranks: int, num_microbatches: int, costs: Costs) -> Timeline:
+    """Build the order of `spec` (a `registry.PipelineSchedule`) on P ranks, check it, and replay it."""
     order = spec.order(num_ranks, num_microbatches)
     placement = spec.placement(num_ranks, num_microbatches)
     schedule.check_order(order, placement)
@@ -241,7 +207,7 @@ _COLORS = {"F": "#f2a93b", "B": "#a8e07a", "W": "#6fb7f0", "BW": "#5cc94a", "FB"
 
 
 def plot_timeline(timeline: Timeline, path, title: str = "") -> None:
-    """A PNG like PAPER.md's Figure 5: one row per rank, a box per action with its
+    """A PNG like the report's Figure 5: one row per rank, a box per action with its
     micro-batch inside (white for chunk 1, black for chunk 0); an FB is a forward box and a
     full-backward box inside one black frame, split by the costs (a recorded timeline has
     none: one F&B box labelled "forward/backward" micro-batch)."""

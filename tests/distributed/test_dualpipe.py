@@ -2,7 +2,7 @@
 
 The tiny preset (MLA + MoE + MTP) cut into stages (2P for DualPipeV, P per direction for
 DualPipe; even, or an explicit uneven layout) runs two training steps (no optimizer) through
-`forward_backward_dualpipev` / `forward_backward_dualpipe` (P processes, Megatron pipeline
+the registry's DualPipeV / DualPipe executors (P processes, Megatron pipeline
 group of P) and through the no-pipelining schedule (one process); then one forward-only step
 on new data. Compared: the loss dict of every micro-batch, every parameter's gradient after
 the second finalize, the expert biases after each update, and the forward-only losses.
@@ -15,7 +15,7 @@ accumulator, while DualPipeV runs the two backwards at different times and adds 
 a time (in an order the schedule interleaves across micro-batches). Same terms, another
 order of fp32 additions: bounded at 1e-6 relative to the gradient's largest entry.
 The order's B actions defer their linears' weight gradients to its W actions
-(pipeline/weight_grad.py); those reach main_grad once per micro-batch, in micro-batch order,
+(megatron_dsv3/weight_grad.py); those reach main_grad once per micro-batch, in micro-batch order,
 as in the single process, so they are among the bit-identical ones.
 
 DualPipe: each stage is on two ranks (mirrors), one per direction; each copy accumulates the
@@ -26,21 +26,15 @@ bit-identical to each other (a + b on both sides). Expert biases are updated fro
 token counts: bit-identical.
 """
 
-import contextlib
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from megatron_dsv3.distributed import free_port
+
 SEQ, MICRO_BATCH = 32, 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _batches(seed: int, vocab_size: int):
@@ -51,13 +45,13 @@ def _batches(seed: int, vocab_size: int):
                "position_ids": torch.arange(SEQ).expand(MICRO_BATCH, SEQ)}
 
 
-def _run_step(schedule, config, chunks, layer_offsets, num_microbatches: int, recorder=None) -> dict:
+def _run_step(schedule, config, chunks, layer_offsets, num_microbatches: int, timeline_group=None) -> dict:
     """Two training steps (no optimizer: the second step's gradients and the biases updated
-twice are compared), then one forward-only step on other data. The first step is recorded
-into `recorder`'s timeline when one is given."""
-    from megatron_dsv3.pipeline.dualpipe import record_timeline
+twice are compared), then one forward-only step on other data. With `timeline_group` the first
+step is recorded and its timeline gathered over that group."""
+    from megatron_dsv3.pipeline.dualpipe import TimelineRecorder
     from megatron_dsv3.routing import finalize_model_grads_with_load
-    from megatron_dsv3.training.loop import forward_step
+    from megatron_dsv3.training.forward_step import forward_step
 
     config.no_sync_func = [chunk.no_sync for chunk in chunks] if len(chunks) > 1 else chunks[0].no_sync
     config.finalize_model_grads_func = finalize_model_grads_with_load
@@ -68,10 +62,12 @@ into `recorder`'s timeline when one is given."""
     for step in range(2):  # the second step is the one where DDP's overlapped sync follows no_sync
         for chunk in chunks:
             chunk.zero_grad_buffer()
-        with record_timeline() if recorder and step == 0 else contextlib.nullcontext() as recorded:
+        if timeline_group is not None and step == 0:
+            recorder = TimelineRecorder()
+            losses += schedule(data_iterator=data, timeline=recorder, **common)
+            timeline = recorder.timeline(timeline_group)
+        else:
             losses += schedule(data_iterator=data, **common)
-        if recorded is not None:
-            timeline = recorded.timeline(recorder)
         biases.append({n: b.clone() for n, b in _named_expert_biases(chunks, layer_offsets)})
     with torch.no_grad():
         eval_losses = schedule(data_iterator=_batches(2, config.vocab_size), forward_only=True, **common)
@@ -97,14 +93,14 @@ def _config(num_layers: int, pp_size: int):
 
 
 def _reference_main(rank: int, port: int, num_layers: int, num_microbatches: int, overlap: bool, out: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from megatron_dsv3 import cpu
+    from megatron_dsv3.distributed import init_distributed, local_process_env, seed_everything
     from megatron_dsv3.pipeline.no_pipelining import forward_backward_no_pipelining
     from megatron_dsv3.specs import gpt_model
-    from megatron_dsv3.training.loop import init_distributed, seed_everything
 
+    local_process_env(rank, 1, port)
     init_distributed()
     config = _config(num_layers, 1)
     cpu.enable(config)
@@ -133,32 +129,31 @@ def _backward_first(calls: list):
 
 def _pipeline_main(rank: int, port: int, schedule_name: str, pp_size: int, num_layers: int, num_microbatches: int, overlap: bool,
                    layers_per_stage, out_dir: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(pp_size))
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from megatron_dsv3 import cpu
+    from megatron_dsv3.distributed import init_distributed, local_process_env, seed_everything
     from megatron_dsv3.pipeline import layout
-    from megatron_dsv3.pipeline.install import EXECUTORS
-    from megatron_dsv3.training.loop import seed_everything
+    from megatron_dsv3.pipeline.registry import SCHEDULES
 
-    torch.distributed.init_process_group("gloo")
-    parallel_state.initialize_model_parallel(pipeline_model_parallel_size=pp_size, get_embedding_ranks=layout.dualpipev_embedding_ranks)
+    schedule = SCHEDULES[schedule_name]
+    local_process_env(rank, pp_size, port)
+    init_distributed(pp_size, get_embedding_ranks=schedule.get_embedding_ranks, backend="gloo")
     config = _config(num_layers, pp_size)
     config.deallocate_pipeline_outputs = True  # as Megatron-LM runs: sent outputs keep only their grad_fn
     cpu.enable(config)
     seed_everything(0)
-    build = layout.dualpipev_chunks if schedule_name == "dualpipev" else layout.dualpipe_chunks
     chunks = [DistributedDataParallel(config, DistributedDataParallelConfig(overlap_grad_reduce=overlap), chunk)
-              for chunk in build(config, rank, pp_size, layers_per_stage)]
+              for chunk in schedule.build_chunks(config, rank, pp_size, layers_per_stage)]
     overlap_calls = []
     if schedule_name == "dualpipe":  # FB actions through a chunk's own hook
         for chunk in chunks:
             chunk.module.overlapped_forward_backward = _backward_first(overlap_calls)
-    stages, num_stages = layout.chunk_stages(schedule_name, rank, pp_size)
-    offsets = [layout.stage_layers(num_layers, num_stages, stage, layers_per_stage).start for stage in stages]
-    result = _run_step(EXECUTORS[schedule_name], config, chunks, offsets, num_microbatches,
-                       recorder=parallel_state.get_pipeline_model_parallel_group())
+    stages = [stage for _, stage in schedule.stages(pp_size)[rank]]
+    offsets = [layout.stage_layers(num_layers, schedule.num_stages(pp_size), stage, layers_per_stage).start for stage in stages]
+    result = _run_step(schedule.forward_backward_func, config, chunks, offsets, num_microbatches,
+                       timeline_group=parallel_state.get_pipeline_model_parallel_group())
     result["grads"] = {layout.full_model_name(n, offset): p.main_grad.clone()
                        for chunk, offset in zip(chunks, offsets) for n, p in chunk.module.named_parameters()}
     result["overlap_calls"] = overlap_calls
@@ -192,11 +187,10 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     ],
 )
 def test_matches_single_process(tmp_path, schedule_name, pp_size, num_layers, num_microbatches, overlap, layers_per_stage):
-    from megatron_dsv3.pipeline.install import EXECUTORS
     from megatron_dsv3.pipeline.schedule import dualpipe_order, dualpipev_order
 
-    mp.spawn(_reference_main, args=(_free_port(), num_layers, num_microbatches, overlap, str(tmp_path / "ref.pt")), nprocs=1, join=True)
-    mp.spawn(_pipeline_main, args=(_free_port(), schedule_name, pp_size, num_layers, num_microbatches, overlap, layers_per_stage, str(tmp_path)),
+    mp.spawn(_reference_main, args=(free_port(), num_layers, num_microbatches, overlap, str(tmp_path / "ref.pt")), nprocs=1, join=True)
+    mp.spawn(_pipeline_main, args=(free_port(), schedule_name, pp_size, num_layers, num_microbatches, overlap, layers_per_stage, str(tmp_path)),
              nprocs=pp_size, join=True)
     reference = torch.load(tmp_path / "ref.pt", weights_only=True)
     ranks = _gathered(pp_size, str(tmp_path))
@@ -254,13 +248,13 @@ def test_matches_single_process(tmp_path, schedule_name, pp_size, num_layers, nu
 
 
 def _invalid_main(rank: int, port: int, out_dir: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
-    from megatron.core import parallel_state
+    from megatron_dsv3.distributed import init_distributed, local_process_env
+    from megatron_dsv3.pipeline.registry import SCHEDULES
 
-    from megatron_dsv3.pipeline.dualpipe import forward_backward_dualpipe, forward_backward_dualpipev
-
-    torch.distributed.init_process_group("gloo")
-    parallel_state.initialize_model_parallel(pipeline_model_parallel_size=2)
+    forward_backward_dualpipev = SCHEDULES["dualpipev"].forward_backward_func
+    forward_backward_dualpipe = SCHEDULES["dualpipe"].forward_backward_func
+    local_process_env(rank, 2, port)
+    init_distributed(2, backend="gloo")  # Megatron's default embedding group: pipeline ranks 0 and P-1
     common = dict(forward_step_func=None, data_iterator=None, seq_length=SEQ, micro_batch_size=MICRO_BATCH)
     chunk = torch.nn.Linear(2, 2)
     messages = []
@@ -279,11 +273,11 @@ def _invalid_main(rank: int, port: int, out_dir: str):
 
 
 def test_invalid_setups_raise_before_communicating(tmp_path):
-    mp.spawn(_invalid_main, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_invalid_main, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     one_chunk, too_few, embedding_pair, odd = torch.load(tmp_path / "invalid0.pt")
     assert "model has 1 chunks" in one_chunk and "dualpipev_chunks" in one_chunk
     assert "num_microbatches >= 2 * num_ranks - 1" in too_few and "num_microbatches=2, num_ranks=2" in too_few
-    assert "embedding group has 2 ranks" in embedding_pair and "dualpipev_embedding_ranks" in embedding_pair
+    assert "embedding group has 2 ranks" in embedding_pair and "embedding_on_first_rank" in embedding_pair
     assert "DualPipe needs an even number of micro-batches" in odd and "num_microbatches=7" in odd
 
 
@@ -297,19 +291,18 @@ def test_layouts_reject_impossible_layer_counts():
         stage_layers(6, 4, 0, [1, 2, 2])
     with pytest.raises(ValueError, match=r"layers_per_stage=\[0, 3, 2, 1\]: .* each >= 1"):
         stage_layers(6, 4, 0, [0, 3, 2, 1])
-    with pytest.raises(ValueError, match=r"pp_size=3: DualPipe needs an even pipeline size"):
+    with pytest.raises(ValueError, match=r"DualPipe needs an even number of ranks .*num_ranks=3"):
         dualpipe_chunks(preset("tiny", pipeline_model_parallel_size=3, pipeline_dtype=torch.float32), 0, 3)
 
 
 def _mirrors_main(rank: int, port: int, out_dir: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", TORCHDYNAMO_DISABLE="1")
-    from megatron.core import parallel_state
-
+    os.environ["TORCHDYNAMO_DISABLE"] = "1"
     from megatron_dsv3 import cpu
+    from megatron_dsv3.distributed import init_distributed, local_process_env
     from megatron_dsv3.pipeline import layout
 
-    torch.distributed.init_process_group("gloo")
-    parallel_state.initialize_model_parallel(pipeline_model_parallel_size=2, get_embedding_ranks=layout.dualpipev_embedding_ranks)
+    local_process_env(rank, 2, port)
+    init_distributed(2, get_embedding_ranks=layout.embedding_on_first_rank, backend="gloo")
     config = _config(4, 2)
     cpu.enable(config)
     torch.manual_seed(100 + rank)  # as Megatron-LM seeds pipeline ranks: differently
@@ -321,7 +314,7 @@ def _mirrors_main(rank: int, port: int, out_dir: str):
 def test_dualpipe_mirrors_start_equal_when_ranks_initialise_apart(tmp_path):
     """Without the single-process initialisation (too big to build), each rank initialises its
     chunks from its own seed; rank r's chunk 1 must still equal its mirror, rank P-1-r's chunk 0."""
-    mp.spawn(_mirrors_main, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_mirrors_main, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"mirrors{rank}.pt", weights_only=False) for rank in range(2)]
     for rank in range(2):
         mine, mirror = ranks[rank][1], ranks[1 - rank][0]

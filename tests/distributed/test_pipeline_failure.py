@@ -13,7 +13,6 @@ rank waiting on it would time out before the injected failure.
 
 import datetime
 import os
-import socket
 import time
 import traceback
 
@@ -21,14 +20,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from megatron_dsv3.distributed import free_port
+
 SEQ, MICRO_BATCH, NUM_MICROBATCHES, NUM_LAYERS = 32, 2, 8, 4
 TIMEOUT_S, LINGER_S, BOUND_S = 10, 30, 60
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _batches(vocab_size: int):
@@ -40,23 +35,24 @@ def _batches(vocab_size: int):
 
 
 def _main(rank: int, port: int, out_dir: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", TORCHDYNAMO_DISABLE="1")
-    from megatron.core import parallel_state
+    os.environ["TORCHDYNAMO_DISABLE"] = "1"
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from megatron_dsv3 import cpu
     from megatron_dsv3.config import preset
-    from megatron_dsv3.pipeline.dualpipe import forward_backward_dualpipev
-    from megatron_dsv3.pipeline.layout import dualpipev_chunks, dualpipev_embedding_ranks
-    from megatron_dsv3.training.loop import forward_step, seed_everything
+    from megatron_dsv3.distributed import init_distributed, local_process_env, seed_everything
+    from megatron_dsv3.pipeline.registry import SCHEDULES
+    from megatron_dsv3.training.forward_step import forward_step
 
-    torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=TIMEOUT_S))  # the default group's
-    parallel_state.initialize_model_parallel(pipeline_model_parallel_size=2, get_embedding_ranks=dualpipev_embedding_ranks,
-                                             distributed_timeout_minutes=TIMEOUT_S / 60)
+    dualpipev = SCHEDULES["dualpipev"]
+    local_process_env(rank, 2, port)
+    # the default group's and the pipeline group's timeout
+    init_distributed(2, get_embedding_ranks=dualpipev.get_embedding_ranks, timeout=datetime.timedelta(seconds=TIMEOUT_S),
+                     backend="gloo")
     config = preset("tiny", num_layers=NUM_LAYERS, seq_length=SEQ, pipeline_model_parallel_size=2, pipeline_dtype=torch.float32)
     cpu.enable(config)
     seed_everything(0)
-    chunks = [DistributedDataParallel(config, DistributedDataParallelConfig(), chunk) for chunk in dualpipev_chunks(config, rank, 2)]
+    chunks = [DistributedDataParallel(config, DistributedDataParallelConfig(), chunk) for chunk in dualpipev.build_chunks(config, rank, 2)]
     calls = []
 
     def failing_forward_step(data_iterator, model):
@@ -67,7 +63,7 @@ def _main(rank: int, port: int, out_dir: str):
 
     start = time.monotonic()
     try:
-        forward_backward_dualpipev(forward_step_func=failing_forward_step, data_iterator=_batches(config.vocab_size), model=chunks,
+        dualpipev.forward_backward_func(forward_step_func=failing_forward_step, data_iterator=_batches(config.vocab_size), model=chunks,
                                    num_microbatches=NUM_MICROBATCHES, seq_length=SEQ, micro_batch_size=MICRO_BATCH)
     except Exception:
         with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
@@ -81,7 +77,7 @@ def _main(rank: int, port: int, out_dir: str):
 @pytest.mark.slow
 def test_a_failing_rank_makes_the_other_fail_within_a_bound(tmp_path):
     context = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     processes = [context.Process(target=_main, args=(rank, port, str(tmp_path))) for rank in range(2)]
     start = time.monotonic()
     for process in processes:

@@ -10,9 +10,11 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import schedules
 
 from megatron_dsv3.pipeline import install as installer
-from megatron_dsv3.pipeline.dualpipe import forward_backward_dualpipe, forward_backward_dualpipev
+from megatron_dsv3.pipeline.registry import SCHEDULES
 
 MEGATRON_FUNC = schedules.get_forward_backward_func
+forward_backward_dualpipev = SCHEDULES["dualpipev"].forward_backward_func
+forward_backward_dualpipe = SCHEDULES["dualpipe"].forward_backward_func
 
 
 @pytest.fixture
@@ -47,8 +49,8 @@ def test_install_picks_ours_only_for_pipelines_and_uninstall_restores(pipeline_s
 
 
 def test_unknown_schedules_and_virtual_pipelines_are_rejected(pipeline_size):
-    for schedule in ("DualPipeV", "default", "1f1b"):
-        with pytest.raises(ValueError, match=r"allowed: \('dualpipev', 'dualpipe'\)"):
+    for schedule in ("DualPipeV", "default", "1f1b", "zb1p"):  # 1f1b is Megatron's own; zb1p is simulated only
+        with pytest.raises(ValueError, match=r"allowed: \('dualpipe', 'dualpipev'\)"):
             installer.install(schedule)
     assert schedules.get_forward_backward_func is MEGATRON_FUNC
     installer.install("dualpipev")
@@ -74,8 +76,8 @@ def test_megatron_lm_training_module_is_patched_whether_imported_before_or_after
 
 def test_pipeline_schedule_argument():
     parser = installer.add_pipeline_schedule_args(argparse.ArgumentParser())
-    assert parser.parse_args([]).pipeline_schedule == "default"
+    assert parser.parse_args([]).pipeline_schedule == "1f1b"  # Megatron's own
     assert parser.parse_args(["--pipeline-schedule", "dualpipev"]).pipeline_schedule == "dualpipev"
     assert parser.parse_args(["--pipeline-schedule", "dualpipe"]).pipeline_schedule == "dualpipe"
     with pytest.raises(SystemExit):
-        parser.parse_args(["--pipeline-schedule", "1f1b"])
+        parser.parse_args(["--pipeline-schedule", "default"])

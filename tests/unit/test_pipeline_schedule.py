@@ -1,4 +1,6 @@
-"""Pipeline orders (1F1B, ZB1P, DualPipe, DualPipeV) replayed against PAPER.md §6's table.
+"""Pipeline orders (1F1B, ZB1P, DualPipe, DualPipeV) replayed against the report's table (§3.2.1).
+
+The complete orders against the public DualPipe schedule: test_pipeline_reference_orders.py.
 
 Costs are sums of halves, so every time is exact in floating point and bubbles are compared
 with ==. The cost sets are where the paper's formulas hold (forward = backward for inputs,
@@ -14,7 +16,8 @@ import pytest
 from megatron_dsv3.bench import pipeline as bench_pipeline
 from megatron_dsv3.pipeline import schedule
 from megatron_dsv3.pipeline.schedule import Action, check_order
-from megatron_dsv3.pipeline.simulate import SCHEDULES, Costs, plot_timeline, simulate, simulate_schedule
+from megatron_dsv3.pipeline.registry import SCHEDULES
+from megatron_dsv3.pipeline.simulate import Costs, plot_timeline, simulate, simulate_schedule
 
 COSTS = {
     "overlap gain": Costs(F=1, B=2, W=1, FB=2.5),  # the bench default: F&B < F + B
@@ -27,9 +30,9 @@ RANKS = (2, 4, 8, 16)
 
 def microbatch_counts(name: str, p: int) -> list[int]:
     """The fewest each schedule runs, a few more, and a count that is no multiple of P."""
-    fewest = {"1F1B": 1, "ZB1P": p, "DualPipe": 2 * p - 2, "DualPipeV": 2 * p - 1}[name]
+    fewest = {"1f1b": 1, "zb1p": p, "dualpipe": 2 * p - 2, "dualpipev": 2 * p - 1}[name]
     counts = {fewest, fewest + 2, 2 * p + 6, 3 * p}
-    return sorted(m + m % 2 if name == "DualPipe" else m for m in counts)
+    return sorted(m + m % 2 if name == "dualpipe" else m for m in counts)
 
 
 CASES = [(name, p, m) for name in SCHEDULES for p in RANKS for m in microbatch_counts(name, p) if p < 16 or m <= 2 * p + 6]
@@ -39,7 +42,6 @@ CASES = [(name, p, m) for name in SCHEDULES for p in RANKS for m in microbatch_c
 def test_simulated_bubble_is_the_papers_formula_and_activations_its_bound(name, p, m):
     spec = SCHEDULES[name]
     for label, costs in COSTS.items():
-        assert spec.formula_holds(p, m, costs), label
         timeline = simulate_schedule(spec, p, m, costs)  # runs check_order first
         assert timeline.bubble() == spec.bubble_formula(p, costs), (label, timeline.rank_bubbles())
     peaks = timeline.rank_activation_peaks()  # the same for every cost set: it follows the order
@@ -50,16 +52,16 @@ def test_simulated_bubble_is_the_papers_formula_and_activations_its_bound(name, 
 
 def test_formulas_in_megatron_terms():
     c = Costs(F=1, B=2, W=0.5, FB=2.5)
-    assert SCHEDULES["1F1B"].bubble_formula(8, c) == 7 * 3
-    assert SCHEDULES["ZB1P"].bubble_formula(8, c) == 7 * 2
-    assert SCHEDULES["DualPipe"].bubble_formula(8, c) == 3 * 3  # (PP/2-1)(F&B+B-3W), PP = P
-    assert SCHEDULES["DualPipeV"].bubble_formula(8, c) == 7 * 3  # the same with PP = 2P half-size stages
+    assert SCHEDULES["1f1b"].bubble_formula(8, c) == 7 * 3
+    assert SCHEDULES["zb1p"].bubble_formula(8, c) == 7 * 2
+    assert SCHEDULES["dualpipe"].bubble_formula(8, c) == 3 * 3  # (PP/2-1)(F&B+B-3W), PP = P
+    assert SCHEDULES["dualpipev"].bubble_formula(8, c) == 7 * 3  # the same with PP = 2P half-size stages
 
 
 def test_activation_bounds_in_megatron_terms_and_parameter_multipliers():
     """PP+1 stage activations: P+1 full stages for DualPipe, 2P+1 half-size ones (P + 1/2 full) for DualPipeV."""
     p = 8
-    expected = {"1F1B": (8, 8.0, 1.0), "ZB1P": (8, 8.0, 1.0), "DualPipe": (9, 9.0, 2.0), "DualPipeV": (17, 8.5, 1.0)}
+    expected = {"1f1b": (8, 8.0, 1.0), "zb1p": (8, 8.0, 1.0), "dualpipe": (9, 9.0, 2.0), "dualpipev": (17, 8.5, 1.0)}
     for name, (bound, full_stages, params) in expected.items():
         spec = SCHEDULES[name]
         placement = spec.placement(p, 4 * p)
@@ -69,44 +71,26 @@ def test_activation_bounds_in_megatron_terms_and_parameter_multipliers():
 
 
 def test_bubble_is_the_idlest_rank_and_the_turn_of_the_v_is_idlest():
-    timeline = simulate_schedule(SCHEDULES["DualPipeV"], 4, 10, COSTS["overlap gain"])
+    timeline = simulate_schedule(SCHEDULES["dualpipev"], 4, 10, COSTS["overlap gain"])
     bubbles = timeline.rank_bubbles()
     assert bubbles == [3.5, 4.0, 4.5, 4.5]  # ranks with more F&B pairs compute for less time
     assert timeline.bubble() == max(bubbles)
-    one_f_one_b = simulate_schedule(SCHEDULES["1F1B"], 4, 10, COSTS["overlap gain"])
+    one_f_one_b = simulate_schedule(SCHEDULES["1f1b"], 4, 10, COSTS["overlap gain"])
     assert one_f_one_b.rank_bubbles() == [9.0] * 4
 
 
 def test_outside_its_assumptions_the_formula_misses_the_replayed_bubble():
     """Forward != backward for inputs: DualPipeV on 4 ranks idles 14, not (P-1)(F&B+B-3W) = 15."""
     costs = Costs(F=1, B=2, W=0, FB=3)
-    spec = SCHEDULES["DualPipeV"]
+    spec = SCHEDULES["dualpipev"]
     assert not spec.formula_holds(4, 8, costs)
     assert simulate_schedule(spec, 4, 8, costs).bubble() == 14
     assert spec.bubble_formula(4, costs) == 15
 
 
-def test_dualpipev_order_follows_the_papers_figure():
-    """4 ranks, 10 micro-batches (the public DualPipeV figure): rank 0 and the turning rank 3."""
-    order = schedule.dualpipev_order(4, 10)
-    rank0 = [str(a) for a in order[0]]
-    assert rank0[:17] == [f"F0.{i}" for i in range(7)] + ["F1.0"] + [
-        s for i in range(3) for s in (f"B1.{i}", f"W1.{i}", f"F1.{i + 1}")
-    ]
-    assert rank0[17:19] == ["F0.7&B1.3", "F1.4&B0.0"]
-    rank3 = [str(a) for a in order[3]]
-    assert rank3[:11] == [s for i in range(4) for s in (f"F0.{i}", f"F1.{i}")] + ["F0.4", "BW1.0", "F1.4&B0.0"]
-    # nB1B0 with its last half deferring W, then nW: first in, first out
-    assert rank3[-12:] == ["BW1.6", "BW0.6", "BW1.7", "BW0.7", "B1.8", "B0.8", "B1.9", "B0.9", "W1.8", "W0.8", "W1.9", "W0.9"]
-
-
-def test_dualpipe_runs_each_rank_pair_as_a_half_size_dualpipev():
+def test_dualpipe_feeds_half_the_microbatches_into_each_direction():
     p, m = 8, 20
     order = schedule.dualpipe_order(p, m)
-    half = schedule.dualpipev_order(p // 2, m // 2)
-    for rank in range(p):
-        v_rank = min(rank, p - 1 - rank)
-        assert [a.kind for a in order[rank]] == [a.kind for a in half[v_rank]]
     def forwarded(rank, chunk):
         return {mb for a in order[rank] for kind, c, mb in a.computations() if kind == "F" and c == chunk}
 
@@ -199,7 +183,7 @@ def test_a_deadlocking_order_is_reported():
 
 def test_plot_writes_a_png(tmp_path):
     path = tmp_path / "dualpipev.png"
-    plot_timeline(simulate_schedule(SCHEDULES["DualPipeV"], 4, 10, COSTS["paper figure"]), path, title="DualPipeV, 4 ranks")
+    plot_timeline(simulate_schedule(SCHEDULES["dualpipev"], 4, 10, COSTS["paper figure"]), path, title="DualPipeV, 4 ranks")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -254,7 +238,7 @@ def _link_traffic(order, placement):
     return issued, taken
 
 
-@pytest.mark.parametrize("name", ["DualPipe", "DualPipeV"])
+@pytest.mark.parametrize("name", ["dualpipe", "dualpipev"])
 @pytest.mark.parametrize("num_ranks", [2, 4, 8])
 def test_each_stream_of_each_link_is_received_in_the_order_it_is_sent(name, num_ranks):
     """NCCL matches a link's messages in issue order (no tags): with one group per stream
@@ -271,4 +255,22 @@ def test_each_stream_of_each_link_is_received_in_the_order_it_is_sent(name, num_
             else:  # both streams of a link, merged
                 interleaved_differently |= taken[link] != messages
     # small pipelines happen to agree; DualPipeV from P = 4 and DualPipe from P = 8 do not
-    assert interleaved_differently == (num_ranks >= (4 if name == "DualPipeV" else 8))
+    assert interleaved_differently == (num_ranks >= (4 if name == "dualpipev" else 8))
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_each_record_places_its_stages_where_its_order_runs_them(name):
+    record = SCHEDULES[name]
+    for p in (2, 4):
+        m = microbatch_counts(name, p)[0]
+        placement = record.placement(p, m)
+        assert placement.stage_of == record.stages(p) and placement.num_stages == record.num_stages(p)
+        check_order(record.order(p, m), placement)
+
+
+def test_dualpipev_splits_megatrons_per_rank_layers_over_the_v():
+    """DeepSeek-V3 on 16 ranks, Megatron-LM's 2 + 14 x 4 + 3 layers (launch/layout.py's note):
+    one layer on stages 0, 16 and 31 of the V, two on the other 29."""
+    stages = SCHEDULES["dualpipev"].stage_layers([2] + [4] * 14 + [3])
+    assert stages == [1] + [2] * 15 + [1] + [2] * 14 + [1] and sum(stages) == 61
+    assert SCHEDULES["dualpipe"].stage_layers([2, 4, 3]) == SCHEDULES["1f1b"].stage_layers([2, 4, 3]) == [2, 4, 3]
