@@ -2,61 +2,69 @@
 
 One process, or several under torchrun, e.g. DualPipeV on 2 CPU processes:
     torchrun --nproc-per-node 2 -m megatron_dsv3.training --pipeline-schedule dualpipev --pp 2
+Every option is a field of `TrainArgs` (training/loop.py), with its help there.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import typing
 from pathlib import Path
 
-from megatron_dsv3.training.loop import PIPELINE_SCHEDULES, TrainArgs, train
+from megatron_dsv3.training.loop import TrainArgs, train
+
+
+def _argparse_settings(field: dataclasses.Field, annotation) -> tuple[str, dict]:
+    """The option of a TrainArgs field: its flag, and argparse's settings from the field's type
+    and default, then the field's own `cli` metadata."""
+    cli = dict(field.metadata["cli"])
+    flag = cli.pop("flag", "--" + field.name.replace("_", "-"))
+    settings = {"dest": field.name, "help": field.metadata["help"]}
+    if annotation is bool:
+        if field.default:
+            flag, settings["help"] = "--no-" + flag.removeprefix("--"), "no " + settings["help"]
+        settings["action"] = "store_false" if field.default else "store_true"
+    elif "type" in cli:  # the field says how its option parses (--set)
+        pass
+    elif typing.get_origin(annotation) is tuple:
+        settings.update(nargs=len(typing.get_args(annotation)), type=typing.get_args(annotation)[0])
+    elif annotation in (int, float, str, Path):
+        settings["type"] = annotation
+    else:  # X | None: a JSON list, or a number
+        inner = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
+        if typing.get_origin(inner) is list:
+            settings.update(type=json.loads, metavar="JSON")
+        else:
+            settings["type"] = inner
+    settings.update(cli)
+    if settings.get("action") != "append":
+        settings["default"] = field.default
+    if "action" not in settings:  # an option with a value
+        settings["help"] += " (default: %(default)s)"
+    return flag, settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m megatron_dsv3.training", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    annotations = typing.get_type_hints(TrainArgs)
+    for field in dataclasses.fields(TrainArgs):
+        flag, settings = _argparse_settings(field, annotations[field.name])
+        parser.add_argument(flag, **settings)
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 unless the final LM loss is below 60%% of the first and MaxVio fell")
+    return parser
 
 
 def parse_args(argv=None) -> tuple[TrainArgs, bool]:
-    defaults = TrainArgs()
-    p = argparse.ArgumentParser(prog="python -m megatron_dsv3.training", description=__doc__)
-    p.add_argument("--preset", default=defaults.preset, help="model preset (megatron_dsv3.config.PRESETS)")
-    p.add_argument("--steps", type=int, default=defaults.steps)
-    p.add_argument("--micro-batch-size", type=int, default=defaults.micro_batch_size)
-    p.add_argument("--num-microbatches", type=int, default=defaults.num_microbatches)
-    p.add_argument("--lr", type=float, default=defaults.lr)
-    p.add_argument("--min-lr", type=float, default=defaults.min_lr)
-    p.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
-    p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--corpus-bytes", type=int, default=defaults.corpus_bytes, help="bytes of stdlib source to train on")
-    p.add_argument("--run-dir", type=Path, default=defaults.run_dir)
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
-                   help="override a config field, e.g. --set num_layers=4 --set moe_router_topk=4")
-    p.add_argument("--bf16-moments", action="store_true", help="AdamW moments in BF16 (PAPER §5); master weights stay FP32")
-    p.add_argument("--pipeline-schedule", choices=PIPELINE_SCHEDULES, default=defaults.pipeline_schedule,
-                   help="dualpipev / dualpipe: pipeline over --pp ranks with two chunks per rank (PAPER §6)")
-    p.add_argument("--pp", type=int, default=defaults.pipeline_size, help="ranks per pipeline (the rest are data parallel)")
-    p.add_argument("--layers-per-stage", type=json.loads, default=None, metavar="JSON",
-                   help="uneven pipeline layout, one layer count per stage, e.g. '[1,2,2,1]'")
-    p.add_argument("--save-interval", type=int, default=defaults.save_interval,
-                   help="write a checkpoint to RUN_DIR/checkpoints every N steps (0: never)")
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/latest")
-    p.add_argument("--ema-decay", type=float, default=None, help="keep an EMA of the parameters in CPU memory (PAPER §6)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--check", action="store_true",
-                   help="exit 1 unless the final LM loss is below 60%% of the first and MaxVio fell")
-    a = p.parse_args(argv)
-    overrides = {}
-    for item in a.set:
-        name, sep, value = item.partition("=")
-        if not sep:
-            p.error(f"--set {item!r}: expected FIELD=JSON, e.g. --set moe_router_topk=4")
-        overrides[name] = json.loads(value)
-    args = TrainArgs(
-        preset=a.preset, overrides=overrides, steps=a.steps, micro_batch_size=a.micro_batch_size,
-        num_microbatches=a.num_microbatches, lr=a.lr, min_lr=a.min_lr, warmup_steps=a.warmup_steps,
-        seed=a.seed, corpus_bytes=a.corpus_bytes, bf16_moments=a.bf16_moments, run_dir=a.run_dir, progress=not a.no_progress,
-        pipeline_schedule=a.pipeline_schedule, pipeline_size=a.pp, layers_per_stage=a.layers_per_stage,
-        save_interval=a.save_interval, resume=a.resume, ema_decay=a.ema_decay,
-    )
-    return args, a.check
+    namespace = vars(build_parser().parse_args(argv))
+    check = namespace.pop("check")
+    namespace["overrides"] = dict(namespace["overrides"] or [])
+    namespace["adam_betas"] = tuple(namespace["adam_betas"])
+    return TrainArgs(**namespace), check
 
 
 def main(argv=None) -> int:

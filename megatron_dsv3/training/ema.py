@@ -1,4 +1,4 @@
-"""Exponential moving average of the parameters, kept in CPU memory (PAPER.md §6).
+"""Exponential moving average of the parameters, kept in CPU memory (DeepSeek-V3 report §3.2.3).
 
 DeepSeek-V3 keeps an EMA of the parameters (to estimate the model after learning-rate decay
 early) in CPU memory and updates it asynchronously after each step, so that it costs neither

@@ -1,95 +1,104 @@
-"""A compact training loop for DeepSeek-V3-style Megatron models, on CPU now and GPU later.
+"""A compact training loop for DeepSeek-V3-style Megatron models, on CPU and GPU.
 
 One process, or several under `torchrun`: data parallel, and pipelined with DualPipeV or
-DualPipe (`pipeline_schedule`, `pipeline_size`; each rank then holds two chunks built by
-`pipeline.layout`). Per step it applies the gamma and lambda token schedules, runs the
-forward/backward schedule over the micro-batches (Megatron's `finalize_model_grads` then
-syncs gradients and moves the expert biases), clips the gradient at 1.0, steps AdamW
-(PAPER.md §7 betas and weight decay) with warm-up plus cosine LR, folds the parameters into
-the CPU EMA when one is kept (PAPER.md §6), and logs LM loss, MTP loss, the sequence-wise
-balance loss, each MoE layer's tokens per expert and MaxVio to `metrics.jsonl` (and
-TensorBoard when installed). Every `save_interval` steps it writes a resumable checkpoint
-(training/checkpoint.py); `resume` continues from the newest one, bit-identically on CPU.
+DualPipe (`pipeline_schedule`, `pipeline_size`; each rank then holds the two chunks the
+schedule's record builds, pipeline/registry.py). Per step it applies the gamma and lambda
+token schedules, runs the forward/backward schedule over the micro-batches (Megatron's
+`finalize_model_grads` then syncs gradients and moves the expert biases), clips the gradient
+at 1.0, steps AdamW (report §4.2 betas and weight decay) with warm-up plus cosine LR, folds
+the parameters into the CPU EMA when one is kept (report §3.2.3), and logs LM loss, MTP loss,
+the sequence-wise balance loss, each MoE layer's tokens per expert and MaxVio to
+`metrics.jsonl` (and TensorBoard when installed). Every `save_interval` steps it writes a
+resumable checkpoint (training/checkpoint.py); `resume` continues from the newest one,
+bit-identically on CPU.
+
+`train` reads as its four parts: `_build` (model chunks, optimizer, schedule, EMA),
+`_data` (the loader, past what a resumed run consumed), `_train_step` (one global batch) and
+`_finish` (plots and the summary).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
-import random
-import socket
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
-import numpy
 import torch
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 from megatron.core.transformer.module import param_is_not_shared
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 from tqdm import tqdm
 
 from megatron_dsv3 import cpu
-from megatron_dsv3.config import ConfigError, check_runtime, moe_layer_pattern, preset
-from megatron_dsv3.pipeline import layout
-from megatron_dsv3.pipeline.dualpipe import record_timeline
-from megatron_dsv3.pipeline.install import EXECUTORS
+from megatron_dsv3.config import ConfigError, parse_override, preset
+from megatron_dsv3.distributed import init_distributed, seed_everything
+from megatron_dsv3.pipeline import layout, registry
+from megatron_dsv3.pipeline.dualpipe import TimelineRecorder
 from megatron_dsv3.pipeline.no_pipelining import forward_backward_no_pipelining
 from megatron_dsv3.pipeline.simulate import plot_timeline
-from megatron_dsv3.routing import expert_load, finalize_model_grads_with_load
+from megatron_dsv3.routing import finalize_model_grads_with_load
 from megatron_dsv3.specs import gpt_model
 from megatron_dsv3.training import checkpoint
 from megatron_dsv3.training.data import build_datasets
 from megatron_dsv3.training.ema import ParameterEMA, named_trainable_parameters
+from megatron_dsv3.training.forward_step import forward_step
+from megatron_dsv3.training.metrics import step_metrics, summarize
 from megatron_dsv3.training.monitor import MetricsLog, plot_expert_load, plot_losses
 from megatron_dsv3.training.optimizer import AdamWLowPrecisionMoments
+from megatron_dsv3.weight_grad import check_deferrable
 
-PIPELINE_SCHEDULES = ("none", *EXECUTORS)
+
+def _option(help: str, default=dataclasses.MISSING, *, default_factory=dataclasses.MISSING, **cli):
+    """A TrainArgs field and its command-line option: `help`, and argparse settings in `cli`
+    (`flag` renames the option; the rest follows the field's type, training/__main__.py)."""
+    return field(default=default, default_factory=default_factory, metadata={"help": help, "cli": cli})
 
 
 @dataclass
 class TrainArgs:
-    preset: str = "tiny"
-    overrides: dict = field(default_factory=dict)  # DeepSeekV3Config fields
-    steps: int = 300
-    micro_batch_size: int = 4
-    num_microbatches: int = 2
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup_steps: int = 20
-    weight_decay: float = 0.1  # PAPER.md §7
-    adam_betas: tuple[float, float] = (0.9, 0.95)  # PAPER.md §7
-    clip_grad: float = 1.0  # PAPER.md §7
-    bf16_moments: bool = False  # PAPER.md §5: AdamW moments in BF16, master weights FP32
-    seed: int = 1234
-    corpus_bytes: int = 4_000_000
-    run_dir: Path = Path("runs/demo")
-    progress: bool = True
-    pipeline_schedule: str = "none"  # "dualpipev" or "dualpipe": two chunks per rank (pipeline.layout)
-    pipeline_size: int = 1  # ranks per pipeline; the rest of the world is data parallel
-    layers_per_stage: list[int] | None = None  # an uneven stage layout (pipeline.layout)
-    save_interval: int = 0  # steps between checkpoints; 0: none
-    resume: bool = False  # continue from <run_dir>/checkpoints/latest
-    ema_decay: float | None = None  # keep a CPU EMA of the parameters (PAPER.md §6)
+    """Everything a run is given; `python -m megatron_dsv3.training` has one option per field."""
+
+    preset: str = _option("model preset (megatron_dsv3.config.PRESETS)", "tiny")
+    overrides: dict = _option("override a config field, e.g. --set num_layers=4 --set moe_router_topk=4",
+                              default_factory=dict, flag="--set", action="append", type=parse_override, metavar="FIELD=JSON")
+    steps: int = _option("optimizer steps", 300)
+    micro_batch_size: int = _option("sequences per micro-batch", 4)
+    num_microbatches: int = _option("micro-batches per step and data-parallel replica", 2)
+    lr: float = _option("peak learning rate (after warm-up, then cosine to --min-lr)", 3e-3)
+    min_lr: float = _option("final learning rate", 3e-4)
+    warmup_steps: int = _option("linear warm-up steps", 20)
+    weight_decay: float = _option("AdamW weight decay (report §4.2)", 0.1)
+    adam_betas: tuple[float, float] = _option("AdamW betas (report §4.2)", (0.9, 0.95), metavar=("BETA1", "BETA2"))
+    clip_grad: float = _option("gradient clipping norm (report §4.2)", 1.0)
+    bf16_moments: bool = _option("AdamW moments in BF16 (report §3.3); master weights stay FP32", False)
+    seed: int = _option("seed of the initialisation and the data order", 1234)
+    corpus_bytes: int = _option("bytes of stdlib source to train on", 4_000_000)
+    run_dir: Path = _option("metrics, plots, config.json and checkpoints go here", Path("runs/demo"))
+    progress: bool = _option("progress bar (on rank 0)", True)
+    pipeline_schedule: str = _option("dualpipev / dualpipe: pipeline over --pp ranks with two chunks per rank (report §3.2)",
+                                     registry.DEFAULT, choices=registry.RUNNABLE)
+    pipeline_size: int = _option("ranks per pipeline (the rest are data parallel)", 1, flag="--pp")
+    layers_per_stage: list[int] | None = _option("uneven pipeline layout, one layer count per stage, e.g. '[1,2,2,1]'", None)
+    save_interval: int = _option("write a checkpoint to RUN_DIR/checkpoints every N steps (0: never)", 0)
+    resume: bool = _option("continue from RUN_DIR/checkpoints/latest", False)
+    ema_decay: float | None = _option("keep an EMA of the parameters in CPU memory (report §3.2.3)", None)
 
     def __post_init__(self):
         for name in ("steps", "micro_batch_size", "num_microbatches", "pipeline_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be at least 1. Fix: pass a positive value.")
-        if self.pipeline_schedule not in PIPELINE_SCHEDULES:
-            raise ValueError(f"pipeline_schedule={self.pipeline_schedule!r}: allowed {PIPELINE_SCHEDULES}.")
-        if self.pipeline_schedule == "none" and self.pipeline_size != 1:
+        schedule = registry.get(self.pipeline_schedule, runnable=True)
+        if schedule.build_chunks is None and self.pipeline_size != 1:
             raise ValueError(
-                f"pipeline_size={self.pipeline_size} with pipeline_schedule='none'. Fix: pass --pipeline-schedule dualpipev "
-                "(or dualpipe), or --pp 1."
+                f"pipeline_size={self.pipeline_size} with pipeline_schedule={self.pipeline_schedule!r}: the compact loop "
+                f"pipelines with two chunks per rank only. Fix: pass --pipeline-schedule one of {registry.OURS}, or --pp 1."
             )
-        if self.layers_per_stage is not None and self.pipeline_schedule == "none":
-            raise ValueError("layers_per_stage is a pipeline layout. Fix: pass it with --pipeline-schedule.")
+        if self.layers_per_stage is not None and schedule.build_chunks is None:
+            raise ValueError(f"layers_per_stage is a pipeline layout. Fix: pass it with --pipeline-schedule one of {registry.OURS}.")
         if self.save_interval < 0:
             raise ValueError(f"save_interval={self.save_interval}: must be >= 0 (0: no checkpoints).")
         if not 0 <= self.warmup_steps < self.steps:
@@ -97,37 +106,14 @@ class TrainArgs:
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"min_lr={self.min_lr}: must be in [0, lr={self.lr}]. Fix: lower min_lr.")
 
+    @property
+    def schedule(self) -> registry.PipelineSchedule:
+        return registry.SCHEDULES[self.pipeline_schedule]
 
-def init_distributed(pipeline_size: int = 1, two_chunk_layout: bool = False) -> None:
-    """Join torchrun's process group, or make a one-process gloo group; then Megatron's groups
-    (with a two-chunk layout, the embedding group is pipeline rank 0 alone: pipeline/layout.py)."""
-    if not torch.distributed.is_initialized():
-        if "RANK" not in os.environ:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
-    if not parallel_state.model_parallel_is_initialized():
-        world = torch.distributed.get_world_size()
-        if world % pipeline_size:
-            raise ValueError(
-                f"pipeline_size={pipeline_size} does not divide the {world} processes. Fix: launch a multiple of "
-                f"{pipeline_size} processes (torchrun --nproc-per-node), or change --pp."
-            )
-        parallel_state.initialize_model_parallel(
-            pipeline_model_parallel_size=pipeline_size,
-            get_embedding_ranks=layout.dualpipev_embedding_ranks if two_chunk_layout else None,
-        )
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    numpy.random.seed(seed)
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    @property
+    def pipelined(self) -> bool:
+        """Two chunks per rank, run by our executor (at any pipeline size, 1 included)."""
+        return self.schedule.build_chunks is not None
 
 
 def decay_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -155,96 +141,20 @@ def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float, group, no
     return total
 
 
-def loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
-    """Megatron's 3-tuple contract: (sum of losses, token count, values to report)."""
-    mask = loss_mask.float()
-    loss_sum = (per_token_loss.float() * mask).sum()
-    num_tokens = mask.sum().to(torch.int)
-    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
-
-
-def forward_step(data_iterator, model):
-    batch = next(data_iterator)
-    device = next(model.parameters()).device
-    tokens, labels, loss_mask, position_ids = (
-        batch[k].to(device) for k in ("tokens", "labels", "loss_mask", "position_ids")
-    )
-    per_token_loss = model(tokens, position_ids, None, labels=labels, loss_mask=loss_mask)
-    return per_token_loss, partial(loss_func, loss_mask)
-
-
 def infinite(loader):
     while True:
         yield from loader
 
 
-def _local_step_sums(losses: list[dict], model_chunks) -> dict:
-    """This rank's share of the step's metrics: the loss dicts it returned (rank P-1 of a
-    pipeline), the MTP and sequence-balance losses its layers tracked, its layers' loads."""
-    sums = {}
-    if losses:
-        lm = torch.stack([d["lm loss"] for d in losses]).sum(dim=0)
-        sums["lm"] = (float(lm[0]), float(lm[1]))
-    tracker = MTPLossLoggingHelper.tracker
-    if "loss_values" in tracker:  # one mean loss per micro-batch and depth, accumulated
-        sums["mtp"] = float(tracker["loss_values"].sum())
-        MTPLossLoggingHelper.clean_metrics_in_tracker()
-    moe = get_moe_layer_wise_logging_tracker()
-    if "seq_load_balancing_loss" in moe:  # sum_i f_i P_i per layer and micro-batch
-        sums["seq_balance"] = float(moe["seq_load_balancing_loss"]["values"].sum())
-    clear_aux_losses_tracker()
-    sums["loads"] = {l.name: {"tokens_per_expert": l.tokens_per_expert, "max_violation": l.max_violation} for l in expert_load(model_chunks)}
-    return sums
-
-
-def _layer_order(name: str) -> tuple[int, int]:
-    kind, number = name.split(".")
-    return (kind == "mtp", int(number))
-
-
-def step_metrics(losses: list[dict], config, model_chunks, num_microbatches: int, pipeline_group=None, data_parallel_group=None) -> dict:
-    """LM, MTP and sequence-balance losses of the step just run, and each MoE layer's load:
-    gathered over the pipeline, and the losses summed over data-parallel replicas
-    (collectives on the groups given). Loads are already global (routing.py). DualPipe's
-    mirrored layers report the same load twice: one is kept."""
-    local = _local_step_sums(losses, model_chunks)
-    parts = [local]
-    if pipeline_group is not None and pipeline_group.size() > 1:
-        parts = [None] * pipeline_group.size()
-        torch.distributed.all_gather_object(parts, local, group=pipeline_group)
-    lm_sum, lm_tokens = next(part["lm"] for part in parts if "lm" in part)
-    sums = torch.tensor([lm_sum, lm_tokens, sum(part.get("mtp", 0.0) for part in parts), sum(part.get("seq_balance", 0.0) for part in parts)],
-                        dtype=torch.float64)
-    replicas = 1
-    if data_parallel_group is not None and data_parallel_group.size() > 1:
-        torch.distributed.all_reduce(sums, group=data_parallel_group)
-        replicas = data_parallel_group.size()
-    microbatches = num_microbatches * replicas
-    record = {"lm_loss": float(sums[0] / sums[1])}
-    if any("mtp" in part for part in parts):
-        record["mtp_loss"] = float(sums[2]) / (microbatches * config.mtp_num_layers)
-    if any("seq_balance" in part for part in parts):
-        # report alpha * the mean over layers and micro-batches
-        moe_layers = sum(moe_layer_pattern(config)) + (config.mtp_num_layers or 0)
-        record["seq_balance_loss"] = float(sums[3]) / microbatches / moe_layers * config.moe_aux_loss_coeff
-    loads = {}
-    for part in parts:
-        loads.update(part["loads"])
-    record["expert_load"] = {name: loads[name] for name in sorted(loads, key=_layer_order)}
-    values = [load["max_violation"] for load in loads.values()]
-    record["max_violation"] = sum(values) / len(values) if values else None
-    return record
-
-
 def build_model_chunks(config, args: TrainArgs) -> list[torch.nn.Module]:
-    """This rank's model chunks, unwrapped: the whole model, or its two pipeline chunks."""
-    if args.pipeline_schedule == "none":
+    """This rank's model chunks, unwrapped: the whole model, or the schedule's two chunks."""
+    if not args.pipelined:
         return [gpt_model(config)]
-    build = {"dualpipev": layout.dualpipev_chunks, "dualpipe": layout.dualpipe_chunks}[args.pipeline_schedule]
-    return build(config, parallel_state.get_pipeline_model_parallel_rank(), args.pipeline_size, args.layers_per_stage)
+    return args.schedule.build_chunks(config, parallel_state.get_pipeline_model_parallel_rank(), args.pipeline_size, args.layers_per_stage)
 
 
 def _model_config(args: TrainArgs):
+    """The model config of the run, with every rule the loop adds checked before any work."""
     overrides = dict(args.overrides)
     if args.pipeline_size > 1:
         overrides.update(pipeline_model_parallel_size=args.pipeline_size, pipeline_dtype=torch.float32)
@@ -267,9 +177,9 @@ def _model_config(args: TrainArgs):
                 f"{name}={getattr(config, name)}: the compact loop runs data and pipeline parallelism only. "
                 f"Fix: set {name}=1, or launch examples/pretrain_dsv3.py through Megatron-LM."
             )
-    if args.pipeline_schedule != "none":
-        stages = layout.chunk_stages(args.pipeline_schedule, 0, args.pipeline_size)[1]
-        layout.check_layers_per_stage(config.num_layers, stages, args.layers_per_stage)
+    if args.pipelined:
+        layout.check_layers_per_stage(config.num_layers, args.schedule.num_stages(args.pipeline_size), args.layers_per_stage)
+        check_deferrable(config)
     return config
 
 
@@ -282,15 +192,28 @@ def _run_settings(args: TrainArgs, config, dp_size: int) -> dict:
     }
 
 
+@dataclass
+class _Run:
+    """What `_build` makes and the rest of `train` uses."""
+
+    config: object
+    chunks: list  # this rank's DDP-wrapped chunks
+    forward_backward: object  # the schedule's forward_backward_func
+    params: list  # every trainable parameter of this rank, once
+    norm_params: list  # those counted in the gradient norm (DualPipe: a stage's mirror once)
+    optimizer: torch.optim.Optimizer
+    scheduler: OptimizerParamScheduler
+    ema: ParameterEMA | None
+    state: checkpoint.TrainingState
+    device: torch.device
+
+
 def train(args: TrainArgs) -> dict | None:
     """Train; returns the summary on global rank 0 (None on the other ranks)."""
     config = _model_config(args)
-    init_distributed(args.pipeline_size, two_chunk_layout=args.pipeline_schedule != "none")
-    on_cpu = cpu.enable(config)
-    if not on_cpu:
-        check_runtime(config, "cuda")
+    init_distributed(args.pipeline_size, get_embedding_ranks=args.schedule.get_embedding_ranks)
+    cpu.enable(config)
     seed_everything(args.seed)
-    device = torch.device("cuda", torch.cuda.current_device()) if not on_cpu else torch.device("cpu")
     is_logger = torch.distributed.get_rank() == 0
     run_dir = Path(args.run_dir)
     checkpoints = run_dir / "checkpoints"
@@ -301,13 +224,58 @@ def train(args: TrainArgs) -> dict | None:
         )
     run_dir.mkdir(parents=True, exist_ok=True)
 
+    run = _build(config, args)
+    dp_size = parallel_state.get_data_parallel_world_size()
+    global_batch = args.micro_batch_size * args.num_microbatches * dp_size
+    tokens_per_step = global_batch * config.seq_length
+    run_settings = _run_settings(args, config, dp_size)
+    first_step = 1
+    if args.resume:
+        first_step = checkpoint.load(checkpoints, run.state, run_settings)["step"] + 1
+    data_iterator = _data(args, config, run_dir, first_step, global_batch, dp_size)
+
+    log = MetricsLog(run_dir, keep_steps_up_to=first_step - 1) if is_logger else None
+    if is_logger:
+        resolved = {f.name: repr(getattr(config, f.name)) for f in dataclasses.fields(config)}
+        (run_dir / "config.json").write_text(json.dumps(
+            {"train": {k: str(v) for k, v in dataclasses.asdict(args).items()}, "model": resolved}, indent=2
+        ))
+    MTPLossLoggingHelper.tracker.clear()  # process-global and sized by the first model that logs
+    clear_aux_losses_tracker()
+    bar = tqdm(range(first_step, args.steps + 1), desc=f"train {args.preset}", initial=first_step - 1, total=args.steps,
+               disable=not (args.progress and is_logger), dynamic_ncols=True)
+    timeline = None
+    for step in bar:
+        config.apply_token_schedules(consumed_tokens=(step - 1) * tokens_per_step, total_tokens=args.steps * tokens_per_step)
+        if step == args.steps and args.pipelined:  # the last step's timeline is plotted
+            timeline = TimelineRecorder()
+        record = {"step": step, **_train_step(run, args, data_iterator, timeline)}
+        if is_logger:
+            log.write(record)
+            bar.set_postfix(lm=f"{record['lm_loss']:.3f}", mtp=f"{record.get('mtp_loss', 0):.3f}", maxvio=f"{record['max_violation'] or 0:.3f}")
+        if args.save_interval and step % args.save_interval == 0:
+            checkpoint.save(checkpoints, run.state, {"step": step, "consumed_samples": step * global_batch,
+                                                     "consumed_tokens": step * tokens_per_step}, run_settings)
+    bar.close()
+    if run.ema is not None:
+        run.ema.wait()
+    gathered = timeline.timeline(parallel_state.get_pipeline_model_parallel_group()) if timeline is not None else None
+    if not is_logger:
+        return None
+    log.close()
+    return _finish(args, run_dir, log.records, gathered)
+
+
+def _build(config, args: TrainArgs) -> _Run:
+    """This rank's chunks under Megatron DDP, AdamW, the LR schedule and the EMA."""
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     chunks = [
         DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), chunk.to(device))
         for chunk in build_model_chunks(config, args)
     ]
     config.no_sync_func = [chunk.no_sync for chunk in chunks] if len(chunks) > 1 else chunks[0].no_sync
     config.finalize_model_grads_func = finalize_model_grads_with_load
-    forward_backward = forward_backward_no_pipelining if args.pipeline_schedule == "none" else EXECUTORS[args.pipeline_schedule]
+    forward_backward = args.schedule.forward_backward_func if args.pipelined else forward_backward_no_pipelining
 
     params = [p for chunk in chunks for p in chunk.parameters() if p.requires_grad]  # each once: see layout.py
     norm_params = [p for p in params if param_is_not_shared(p)]  # DualPipe: a stage's mirror counts once
@@ -332,20 +300,13 @@ def train(args: TrainArgs) -> dict | None:
     ema_names = named_trainable_parameters([chunk.module for chunk in chunks])
     ema = ParameterEMA(ema_names, args.ema_decay, optimizer=optimizer) if args.ema_decay is not None else None
     state = checkpoint.TrainingState(chunks, optimizer, scheduler, ema, ema_names)
+    return _Run(config, chunks, forward_backward, params, norm_params, optimizer, scheduler, ema, state, device)
 
-    dp_size = parallel_state.get_data_parallel_world_size()
-    global_batch = args.micro_batch_size * args.num_microbatches * dp_size
-    tokens_per_step = global_batch * config.seq_length
-    total_tokens = args.steps * tokens_per_step
-    run_settings = _run_settings(args, config, dp_size)
 
-    first_step = 1
-    if args.resume:
-        progress = checkpoint.load(checkpoints, state, run_settings)
-        first_step = progress["step"] + 1
-
-    # The data order is fixed by the seed: a resumed run starts after the samples the saved
-    # steps consumed. The loader draws from its own generator, not the restored global RNG.
+def _data(args: TrainArgs, config, run_dir: Path, first_step: int, global_batch: int, dp_size: int):
+    """This replica's micro-batches from `first_step` on. The data order is fixed by the seed: a
+    resumed run starts after the samples the saved steps consumed. The loader draws from its
+    own generator, not the restored global RNG."""
     train_set, _ = build_datasets(
         run_dir.parent / ".corpus-cache", config.seq_length, args.steps * global_batch, global_batch, args.seed, args.corpus_bytes
     )
@@ -356,84 +317,47 @@ def train(args: TrainArgs) -> dict | None:
     loader = torch.utils.data.DataLoader(
         unconsumed, batch_size=args.micro_batch_size, sampler=sampler, generator=torch.Generator().manual_seed(args.seed)
     )
-    data_iterator = infinite(loader)
+    return infinite(loader)
 
-    log = MetricsLog(run_dir, keep_steps_up_to=first_step - 1) if is_logger else None
-    if is_logger:
-        resolved = {f.name: repr(getattr(config, f.name)) for f in dataclasses.fields(config)}
-        (run_dir / "config.json").write_text(json.dumps(
-            {"train": {k: str(v) for k, v in dataclasses.asdict(args).items()}, "model": resolved}, indent=2
-        ))
-    pipeline_group = parallel_state.get_pipeline_model_parallel_group()
-    MTPLossLoggingHelper.tracker.clear()  # process-global and sized by the first model that logs
-    clear_aux_losses_tracker()
-    bar = tqdm(range(first_step, args.steps + 1), desc=f"train {args.preset}", initial=first_step - 1, total=args.steps,
-               disable=not (args.progress and is_logger), dynamic_ncols=True)
-    timeline = None
-    for step in bar:
-        config.apply_token_schedules(consumed_tokens=(step - 1) * tokens_per_step, total_tokens=total_tokens)
-        for chunk in chunks:
-            chunk.zero_grad_buffer()
-        optimizer.zero_grad(set_to_none=True)
-        record_this_step = step == args.steps and args.pipeline_schedule != "none"
-        with record_timeline() if record_this_step else contextlib.nullcontext() as recorder:
-            losses = forward_backward(
-                forward_step_func=forward_step,
-                data_iterator=data_iterator,
-                model=chunks,
-                num_microbatches=args.num_microbatches,
-                seq_length=config.seq_length,
-                micro_batch_size=args.micro_batch_size,
-            )
-        if recorder is not None:
-            timeline = recorder.timeline(pipeline_group)
-        for p in params:  # Megatron DDP accumulates into main_grad
-            p.grad = p.main_grad
-        grad_norm = clip_grad_norm_(params, args.clip_grad, parallel_state.get_model_parallel_group(), norm_params)
-        optimizer.step()
-        scheduler.step(1)
-        if ema is not None:
-            ema.update()
-        record = {
-            "step": step,
-            "lr": optimizer.param_groups[0]["lr"],
-            "gamma": config.moe_router_bias_update_rate,
-            "mtp_lambda": config.mtp_loss_scaling_factor,
-            "grad_norm": grad_norm,
-            **step_metrics(losses, config, chunks, args.num_microbatches, pipeline_group,
-                           parallel_state.get_data_parallel_group()),
-        }
-        if is_logger:
-            log.write(record)
-            bar.set_postfix(lm=f"{record['lm_loss']:.3f}", mtp=f"{record.get('mtp_loss', 0):.3f}", maxvio=f"{record['max_violation'] or 0:.3f}")
-        if args.save_interval and step % args.save_interval == 0:
-            checkpoint.save(checkpoints, state, {"step": step, "consumed_samples": step * global_batch,
-                                                 "consumed_tokens": step * tokens_per_step}, run_settings)
-    bar.close()
-    if ema is not None:
-        ema.wait()
-    if not is_logger:
-        return None
-    log.close()
-    plot_losses(log.records, run_dir / "loss.png")
-    plot_expert_load(log.records, run_dir / "expert_load.png")
+
+def _train_step(run: _Run, args: TrainArgs, data_iterator, timeline: TimelineRecorder | None) -> dict:
+    """One global batch: forward and backward, clip, AdamW, LR, EMA; the step's metrics."""
+    for chunk in run.chunks:
+        chunk.zero_grad_buffer()
+    run.optimizer.zero_grad(set_to_none=True)
+    recording = {"timeline": timeline} if timeline is not None else {}
+    losses = run.forward_backward(
+        forward_step_func=forward_step,
+        data_iterator=data_iterator,
+        model=run.chunks,
+        num_microbatches=args.num_microbatches,
+        seq_length=run.config.seq_length,
+        micro_batch_size=args.micro_batch_size,
+        **recording,
+    )
+    for p in run.params:  # Megatron DDP accumulates into main_grad
+        p.grad = p.main_grad
+    grad_norm = clip_grad_norm_(run.params, args.clip_grad, parallel_state.get_model_parallel_group(), run.norm_params)
+    run.optimizer.step()
+    run.scheduler.step(1)
+    if run.ema is not None:
+        run.ema.update()
+    return {
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "gamma": run.config.moe_router_bias_update_rate,
+        "mtp_lambda": run.config.mtp_loss_scaling_factor,
+        "grad_norm": grad_norm,
+        **step_metrics(losses, run.config, run.chunks, args.num_microbatches, parallel_state.get_pipeline_model_parallel_group(),
+                       parallel_state.get_data_parallel_group()),
+    }
+
+
+def _finish(args: TrainArgs, run_dir: Path, records: list[dict], timeline) -> dict:
+    """Rank 0: the plots and the summary."""
+    plot_losses(records, run_dir / "loss.png")
+    plot_expert_load(records, run_dir / "expert_load.png")
     if timeline is not None:
         plot_timeline(timeline, run_dir / "pipeline_timeline.png",
                       title=f"{args.pipeline_schedule}, P={args.pipeline_size}, step {args.steps}: measured, bubble "
                             f"{timeline.bubble():.2f} s of {timeline.makespan():.2f} s")
-    return summarize(log.records)
-
-
-def summarize(records: list[dict]) -> dict:
-    """First vs final LM loss, and MaxVio over the first vs the last 10% of steps."""
-    tenth = max(1, len(records) // 10)
-    def mean(key, rows):
-        values = [r[key] for r in rows if r.get(key) is not None]
-        return sum(values) / len(values) if values else None
-    return {
-        "steps": len(records),
-        "first_lm_loss": records[0]["lm_loss"],
-        "final_lm_loss": mean("lm_loss", records[-tenth:]),
-        "max_violation_first_10pct": mean("max_violation", records[:tenth]),
-        "max_violation_last_10pct": mean("max_violation", records[-tenth:]),
-    }
+    return summarize(records)

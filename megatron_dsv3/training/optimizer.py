@@ -1,4 +1,4 @@
-"""AdamW with FP32 master weights and BF16 first and second moments (PAPER.md §5).
+"""AdamW with FP32 master weights and BF16 first and second moments (report §3.3).
 
 The paper stores AdamW's moments in BF16 to save memory while the master weights and the
 gradients stay FP32. torch's AdamW keeps moments in the parameter's dtype and Megatron's

@@ -1,0 +1,33 @@
+"""The forward step of a GPT model for Megatron's schedules (`forward_step_func` and its loss).
+
+Megatron's contract: `forward_step(data_iterator, model) -> (output, loss_func)`, and
+`loss_func(output) -> (sum of losses, token count, values to report)`; the schedule divides
+by the token count (`calculate_per_token_loss`) or the micro-batch count. Used by the compact
+loop, examples/pretrain_dsv3.py (which wraps it with the gamma / lambda schedules), the
+benchmarks and the tests.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+
+def loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """Megatron's 3-tuple contract: (sum of losses, token count, values to report)."""
+    mask = loss_mask.float()
+    loss_sum = (per_token_loss.float() * mask).sum()
+    num_tokens = mask.sum().to(torch.int)
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
+
+
+def forward_step(data_iterator, model):
+    """One micro-batch through `model` (a GPTModel chunk: its per-token loss on the last stage)."""
+    batch = next(data_iterator)
+    device = next(model.parameters()).device
+    tokens, labels, loss_mask, position_ids = (
+        batch[k].to(device) for k in ("tokens", "labels", "loss_mask", "position_ids")
+    )
+    per_token_loss = model(tokens, position_ids, None, labels=labels, loss_mask=loss_mask)
+    return per_token_loss, partial(loss_func, loss_mask)
