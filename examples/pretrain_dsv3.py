@@ -8,13 +8,13 @@
 
 Beyond Megatron-LM's own flags (megatron_dsv3.launch.add_args):
   --dsv3-preset NAME           a preset's model flags (megatron_dsv3.launch.PRESET_FLAGS); later flags override them
-  --dsv3-fp8 {none,te,emulate,scaled_mm,auto}     blockwise FP8 (PAPER §5)
+  --dsv3-fp8 {none,te,emulate,scaled_mm,auto}     blockwise FP8 (report §3.3)
   --dsv3-gamma-schedule, --dsv3-lambda-schedule   gamma and lambda by the fraction of the run's tokens
-  --pipeline-schedule {default,dualpipe,dualpipev}  Megatron's own schedules, or ours (installed)
+  --pipeline-schedule {1f1b,dualpipe,dualpipev}  Megatron's own 1F1B, or ours (installed)
   --dry-run
 The model is `megatron_dsv3.specs.gpt_model` of the `DeepSeekV3Config` of the flags; under
-DualPipe(V) with more than one pipeline rank, a rank's two chunks from `megatron_dsv3.pipeline.layout`
-(stages and their layers: the note in megatron_dsv3/launch.py). Each micro-batch's forward step
+DualPipe(V) with more than one pipeline rank, a rank's two chunks built by the schedule's record
+(`megatron_dsv3.pipeline.registry`; stages and their layers: docs/pipeline.md). Each micro-batch's forward step
 first sets gamma (the bias update speed) and lambda (the MTP loss weight) from the tokens consumed
 by the steps before (`DeepSeekV3Config.apply_token_schedules`; Megatron reads both every step).
 """
@@ -35,11 +35,8 @@ from megatron.training.utils import get_blend_and_blend_per_split
 
 from megatron_dsv3 import launch, specs
 from megatron_dsv3.config import ConfigError
-from megatron_dsv3.pipeline import install, layout
-from megatron_dsv3.training.loop import loss_func
-
-# The rank's two chunks under a two-chunk schedule (more than one pipeline rank).
-CHUNK_BUILDERS = {"dualpipe": layout.dualpipe_chunks, "dualpipev": layout.dualpipev_chunks}
+from megatron_dsv3.pipeline import install, registry
+from megatron_dsv3.training.forward_step import loss_func
 
 
 class ModelChunks(list):
@@ -54,15 +51,15 @@ def model_provider(pre_process=True, post_process=True, config=None, pg_collecti
     args = get_args()
     model_config = launch.model_config(args)
     pp_size = args.pipeline_model_parallel_size
-    if args.pipeline_schedule == "default" or pp_size == 1:
+    schedule = registry.SCHEDULES[args.pipeline_schedule]
+    if schedule.build_chunks is None or pp_size == 1:
         return specs.gpt_model(model_config, pre_process, post_process, pg_collection=pg_collection)
     layers_per_stage = launch.stage_layers(args, model_config)
-    # The stages carry their own layer counts, read from Megatron's per-rank ones (launch's note).
+    # The stages carry their own layer counts, read from Megatron's per-rank ones (megatron_dsv3/launch/layout.py).
     stage_config = dataclasses.replace(model_config, num_layers_in_first_pipeline_stage=None, num_layers_in_last_pipeline_stage=None)
-    builder = CHUNK_BUILDERS[args.pipeline_schedule]
     # Each chunk is initialised on its own (Megatron-LM's seeding): the single-process-equal
     # initialisation would build the whole model on every rank, which a 671B model cannot.
-    chunks = builder(stage_config, mpu.get_pipeline_model_parallel_rank(), pp_size, layers_per_stage, init_as_single_process=False)
+    chunks = schedule.build_chunks(stage_config, mpu.get_pipeline_model_parallel_rank(), pp_size, layers_per_stage, init_as_single_process=False)
     return ModelChunks(chunks)
 
 
@@ -127,17 +124,16 @@ def main() -> int:
     except (launch.LaunchError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    get_embedding_ranks = None
-    if args.pipeline_schedule != "default":
-        install.install(args.pipeline_schedule)
-        get_embedding_ranks = layout.dualpipev_embedding_ranks  # one embedding, on pipeline rank 0
+    schedule = registry.SCHEDULES[args.pipeline_schedule]
+    if schedule.executor is not None:
+        install.install(schedule.name)
     pretrain(
         pretrain_cfg_container_from_args(args),
         datasets_provider,
         ModelType.encoder_or_decoder,
         forward_step,
         model_provider=model_provider,
-        get_embedding_ranks=get_embedding_ranks,
+        get_embedding_ranks=schedule.get_embedding_ranks,  # two-chunk schedules: one embedding, on pipeline rank 0
     )
     return 0
 
