@@ -1,4 +1,4 @@
-"""MLA core attention for the local (no-TE) backend (PAPER.md §2).
+"""MLA core attention for the local (no-TE) backend (report §2.1.1).
 
 Megatron's `MLASelfAttention` builds its core attention with `k_channels` (d_h + d_h^R) and
 `v_channels` (d_h), which the local `DotProductAttention` rejects; MLA therefore only builds

@@ -5,7 +5,7 @@ from `moe_layer_freq`, MLA with the q/kv latent RMSNorms when `qk_layernorm`, sh
 and change two things:
   - the router becomes `routing.LoadRecordingRouter` (upstream TopKRouter + load statistics);
   - on "local", MLA's core attention becomes `attention.MLASDPAttention`, because the local
-    `DotProductAttention` rejects MLA's `k_channels`/`v_channels` (DESIGN.md).
+    `DotProductAttention` rejects MLA's `k_channels`/`v_channels` (docs/architecture.md).
 
 Use from Python: `gpt_model(config)` or `decoder_block_spec(config)` + `mtp_block_spec(...)`.
 Use from Megatron-LM: `--spec megatron_dsv3.specs local_layer_spec` (or `te_layer_spec`).
@@ -134,7 +134,7 @@ def decoder_block_spec(config, backend: str | None = None, vp_stage=None, pp_ran
 
 
 def mtp_block_spec(config, backend: str | None = None, vp_stage=None, pp_rank=None):
-    """The MTP block (PAPER.md §4): its transformer layer is the model's last (MoE) layer."""
+    """The MTP block (report §2.2): its transformer layer is the model's last (MoE) layer."""
     if not config.mtp_num_layers:
         return None
     backend = _backend(config, backend)

@@ -2,7 +2,7 @@
 
 Both get the same quantised operands, so only the GEMM differs. The tolerance is not FP32
 rounding alone: inside one 128-wide K-slice the Hopper tensor core accumulates with a
-reduced-precision (about 14-bit) accumulator before the FP32 promotion that PAPER.md §5
+reduced-precision (about 14-bit) accumulator before the FP32 promotion that report §3.3
 describes, so the two agree to ~1e-5 relative, not to 1e-7.
 """
 

@@ -1,4 +1,4 @@
-"""Block-scaled FP8 GEMM (emulate backend) and the FP8 Linear's three GEMMs (PAPER.md §5).
+"""Block-scaled FP8 GEMM (emulate backend) and the FP8 Linear's three GEMMs (report §3.3).
 
 Every reference is a plain float64 matmul of the dequantised FP8 operands, so what is
 checked is the GEMM and the Linear's wiring (which tensor, which tiling, which transpose);

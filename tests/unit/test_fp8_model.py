@@ -1,4 +1,4 @@
-"""The local backend really trains in (emulated) FP8 when the config asks (PAPER.md §5)."""
+"""The local backend really trains in (emulated) FP8 when the config asks (report §3.3)."""
 
 import torch
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear

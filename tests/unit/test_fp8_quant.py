@@ -1,4 +1,4 @@
-"""Tile-wise E4M3 quantisation (PAPER.md §5) against two independent references."""
+"""Tile-wise E4M3 quantisation (report §3.3) against two independent references."""
 
 import pytest
 import torch

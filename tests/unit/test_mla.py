@@ -1,4 +1,4 @@
-"""MLA on the local backend equals a from-scratch PAPER.md §2 with the same weights."""
+"""MLA on the local backend equals a from-scratch report §2.1.1 with the same weights."""
 
 import math
 
@@ -24,7 +24,7 @@ def rope(x_SHD, base):
 
 
 def mla_reference(attn, h_SD, c):
-    """PAPER.md §2 for one sequence in float64: h [S, d] -> u [S, d]."""
+    """Report §2.1.1 for one sequence in float64: h [S, d] -> u [S, d]."""
     w = lambda m: m.weight.detach().double()  # noqa: E731
     n_h, d_h, d_r, d_v = c.num_attention_heads, c.qk_head_dim, c.qk_pos_emb_head_dim, c.v_head_dim
     S = h_SD.shape[0]

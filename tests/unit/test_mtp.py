@@ -1,4 +1,4 @@
-"""The MTP loss against PAPER.md §4 computed independently, in value and in gradient.
+"""The MTP loss against report §2.2 computed independently, in value and in gradient.
 
 The reference assembles §4 from the model's building blocks (embedding, decoder layers, the
 MTP layer's norms, projection and transformer block, the shared output head) with its own
@@ -19,7 +19,7 @@ DEPTH, LAMBDA = 2, 0.3
 
 
 def mtp_reference(model, ids_BS, labels_BS):
-    """(L_main, [L_MTP^1, ..., L_MTP^D]) with PAPER.md §4's shifts, as mean cross-entropies."""
+    """(L_main, [L_MTP^1, ..., L_MTP^D]) with report §2.2's shifts, as mean cross-entropies."""
     B, T = ids_BS.shape
     positions = torch.arange(T).expand(B, T)
     h = model.embedding(input_ids=ids_BS, position_ids=positions)  # [S, B, d]

@@ -1,4 +1,4 @@
-"""The bias-balanced router against PAPER.md §3 computed independently."""
+"""The bias-balanced router against report §2.1.2 computed independently."""
 
 import pytest
 import torch
@@ -31,7 +31,7 @@ def make_router(config, bias_scale=0.3):
 
 
 def route_reference(x_TD, weight_ED, bias_E, scale):
-    """PAPER.md §3 with node-limited routing, in float64: (gates [T, E], chosen [T, E])."""
+    """Report §2.1.2 with node-limited routing, in float64: (gates [T, E], chosen [T, E])."""
     s = torch.sigmoid(x_TD.double() @ weight_ED.double().T)  # s_i,t
     choice = s + bias_E.double()  # the bias only decides which experts are chosen
     T = s.shape[0]
