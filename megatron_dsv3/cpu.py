@@ -1,4 +1,4 @@
-"""The explicit CPU compatibility layer (DESIGN.md, "Running Megatron-Core on CPU").
+"""The explicit CPU compatibility layer (docs/cpu.md: what Megatron-Core needs to run on CPU, and why).
 
 Megatron-Core 0.19 trains a GPTModel with MLA + MoE + MTP on CPU with exactly these changes:
   1. `torch.cuda.current_device` answers the CPU (Megatron allocates buffers on it),
