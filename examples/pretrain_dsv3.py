@@ -52,7 +52,7 @@ def model_provider(pre_process=True, post_process=True, config=None, pg_collecti
     model_config = launch.model_config(args)
     pp_size = args.pipeline_model_parallel_size
     schedule = registry.SCHEDULES[args.pipeline_schedule]
-    if schedule.build_chunks is None or pp_size == 1:
+    if not schedule.ours or pp_size == 1:
         return specs.gpt_model(model_config, pre_process, post_process, pg_collection=pg_collection)
     layers_per_stage = launch.stage_layers(args, model_config)
     # The stages carry their own layer counts, read from Megatron's per-rank ones (megatron_dsv3/launch/layout.py).
@@ -125,7 +125,7 @@ def main() -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     schedule = registry.SCHEDULES[args.pipeline_schedule]
-    if schedule.executor is not None:
+    if schedule.ours:
         install.install(schedule.name)
     pretrain(
         pretrain_cfg_container_from_args(args),

@@ -27,6 +27,7 @@ FP8_TILE = 128
 # `fp8_blockwise`: those, or "te" for Transformer Engine's own blockwise recipe.
 FP8_GEMM_BACKENDS = ("emulate", "scaled_mm", "auto")
 FP8_BLOCKWISE_BACKENDS = ("te", *FP8_GEMM_BACKENDS)
+FP8_BACKENDS_ON_CPU = ("emulate", "auto")  # "auto" resolves to "emulate" without a Hopper GPU
 
 
 class ConfigError(ValueError):
@@ -559,6 +560,7 @@ def validate(c) -> None:
     for validator in VALIDATORS:
         validator(c)
 
+
 def fp8_inner_dims(c: DeepSeekV3Config) -> dict[str, int]:
     """The inner (reduction) dimension of every Linear that runs in FP8."""
     dims = {
@@ -597,8 +599,9 @@ def check_runs_on_cpu(c) -> None:
            "weights must be created on the CPU", "set use_cpu_initialization=True")
     _check(not c.moe_router_fusion, "moe_router_fusion", c.moe_router_fusion,
            "the fused router is a TE CUDA kernel", "set moe_router_fusion=False")
-    _check(c.fp8_blockwise in (None, "emulate", "auto"), "fp8_blockwise", c.fp8_blockwise,
+    _check(c.fp8_blockwise in (None, *FP8_BACKENDS_ON_CPU), "fp8_blockwise", c.fp8_blockwise,
            "this FP8 GEMM needs a Hopper GPU", "use fp8_blockwise='emulate' on CPU")
+
 
 def count_parameters(c: MLATransformerConfig) -> tuple[int, int]:
     """(total, active per token) from the config alone, MTP modules excluded (DeepSeek-V3 report §4.2).

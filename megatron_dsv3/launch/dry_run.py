@@ -20,6 +20,7 @@ from packaging.version import Version as PkgVersion
 from megatron_dsv3.config import DeepSeekV3Config
 from megatron_dsv3.launch.flags import model_config
 from megatron_dsv3.launch.layout import PipelineLayout, num_microbatches, pipeline_layout
+from megatron_dsv3.pipeline import registry
 from megatron_dsv3.specs import HAVE_TE
 
 DRY_RUN_DEVICE_CAPABILITY = (9, 0)
@@ -58,12 +59,13 @@ def describe(args: argparse.Namespace, config: DeepSeekV3Config, pipeline: Pipel
     pp, ep, dp = args.pipeline_model_parallel_size, args.expert_model_parallel_size, args.data_parallel_size
     etp = args.expert_tensor_parallel_size or args.tensor_model_parallel_size
     p, layers = pipeline.placement, pipeline.layers
+    mirrored = registry.SCHEDULES[args.pipeline_schedule].mirrored  # two directions, each a copy of the model
     lines = [
         f"{config.preset_name}: {world} GPUs = {_nodes(world / per_node)} x {per_node}",
         f"  parallelism  TP {args.tensor_model_parallel_size}, PP {pp}, CP {args.context_parallel_size}, DP {dp}"
         + (" (ZeRO-1: distributed optimizer)" if args.use_distributed_optimizer else ""),
         f"  pipeline     {pp} ranks of {world // pp} GPUs ({_nodes(world // pp / per_node)}); {args.pipeline_schedule}: "
-        f"{p.num_stages} stages{' per direction' if len(p.microbatches) > 1 else ''}, {len(p.stage_of[0])} per rank",
+        f"{p.num_stages} stages{' per direction' if mirrored else ''}, {len(p.stage_of[0])} per rank",
     ]
     if config.num_moe_experts:
         dispatcher = config.moe_token_dispatcher_type
@@ -87,7 +89,7 @@ def describe(args: argparse.Namespace, config: DeepSeekV3Config, pipeline: Pipel
         rows.append([])
         for direction, stage in chunks:
             first, last = first_layer[stage], first_layer[stage] + layers[stage] - 1
-            cell = f"{f'direction {direction} ' if len(p.microbatches) > 1 else ''}stage {stage}: "
+            cell = f"{f'direction {direction} ' if mirrored else ''}stage {stage}: "
             cell += f"{first}-{last}" if last > first else f"{first}"
             cell += " +embedding" if stage == 0 else ""
             cell += (" +head" + (" +MTP" if config.mtp_num_layers else "")) if stage == len(layers) - 1 else ""

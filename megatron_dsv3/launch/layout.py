@@ -66,13 +66,14 @@ def check_parallelism(args: argparse.Namespace) -> None:
         f"--pipeline-model-parallel-size={pp} x --context-parallel-size={cp}",
         "change the node count or the pipeline size",
     )
-    try:  # the config's own rules, on the parsed flags (field names, as the config reads them)
-        validate_parallelism(SimpleNamespace(
-            tensor_model_parallel_size=tp, num_attention_heads=args.num_attention_heads,
-            num_moe_experts=args.num_experts, expert_model_parallel_size=ep,
-        ))
-    except ConfigError as error:
-        raise _flagged(error) from None
+    if args.num_attention_heads is not None:  # else Megatron's validate_args says it is missing
+        try:  # the config's own rules, on the parsed flags (field names, as the config reads them)
+            validate_parallelism(SimpleNamespace(
+                tensor_model_parallel_size=tp, num_attention_heads=args.num_attention_heads,
+                num_moe_experts=args.num_experts, expert_model_parallel_size=ep,
+            ))
+        except ConfigError as error:
+            raise _flagged(error) from None
     if args.num_experts:
         require(
             (world // pp) % (ep * etp) == 0,
@@ -89,7 +90,7 @@ def check_parallelism(args: argparse.Namespace) -> None:
             f"use a multiple of {args.micro_batch_size * dp}",
         )
         placement(args, args.global_batch_size // (args.micro_batch_size * dp))
-    if registry.SCHEDULES[args.pipeline_schedule].executor is not None:
+    if registry.SCHEDULES[args.pipeline_schedule].ours:
         try:
             check_deferrable(args)  # Megatron-LM's args carry the config's field name
         except ConfigError as error:
@@ -113,7 +114,7 @@ def stage_layers(args: argparse.Namespace, config: DeepSeekV3Config) -> list[int
     rank_layers = [get_num_layers_to_build(config, pp_rank=r) for r in range(pp)]
     record = registry.SCHEDULES[args.pipeline_schedule]
     counts = record.stage_layers(rank_layers)
-    if record.build_chunks is not None:
+    if record.ours:
         try:
             layout.check_layers_per_stage(config.num_layers, len(counts), counts)
         except ValueError as error:

@@ -70,7 +70,7 @@ def _modules_to_patch() -> list:
 
 def install(schedule: str) -> None:
     """Make Megatron's `get_forward_backward_func` return `schedule`'s executor when P > 1."""
-    if schedule not in registry.OURS:
+    if schedule not in registry.OURS:  # (1f1b is Megatron's own; zb1p is simulated only)
         raise ValueError(f"pipeline schedule {schedule!r} is not one this plugin installs; allowed: {registry.OURS}.")
     replacement = _InstalledGetForwardBackwardFunc(registry.SCHEDULES[schedule])
     for module in _modules_to_patch():

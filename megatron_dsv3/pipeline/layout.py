@@ -263,7 +263,7 @@ def _two_chunks(config, pp_rank: int, pp_size: int, stage_map: schedule.StageMap
     if not 0 <= pp_rank < pp_size:
         raise ValueError(f"pp_rank={pp_rank}, pp_size={pp_size}: need 0 <= pp_rank < pp_size")
     stages = tuple(stage for _, stage in stage_map[pp_rank])
-    num_stages = 1 + max(stage for chunks in stage_map for _, stage in chunks)
+    num_stages = schedule.num_stages(stage_map)
     if config.pipeline_model_parallel_size != pp_size:
         raise ValueError(
             f"config.pipeline_model_parallel_size={config.pipeline_model_parallel_size} but pp_size={pp_size}. "

@@ -61,12 +61,17 @@ class PipelineSchedule:
 
     def num_stages(self, num_ranks: int) -> int:
         """Stages per direction on `num_ranks` ranks."""
-        return 1 + max(stage for chunks in self.stages(num_ranks) for _, stage in chunks)
+        return schedule.num_stages(self.stages(num_ranks))
+
+    @property
+    def ours(self) -> bool:
+        """Run by our two-chunk executor (and built by our chunk builders)."""
+        return self.executor is not None
 
     @functools.cached_property
     def forward_backward_func(self) -> Callable[..., list]:
         """Our executor with Megatron's `forward_backward_func` contract (one object per schedule)."""
-        if self.executor is None:
+        if not self.ours:
             raise ValueError(f"pipeline schedule {self.name!r} has no executor of ours. Fix: use one of {OURS}.")
         return functools.update_wrapper(functools.partial(self.executor, self), self.executor)
 
@@ -140,8 +145,8 @@ SCHEDULES: dict[str, PipelineSchedule] = {
         ),
     )
 }
-OURS = tuple(name for name, record in SCHEDULES.items() if record.executor is not None)  # two chunks per rank
-RUNNABLE = tuple(name for name, record in SCHEDULES.items() if record.executor is not None or record.megatron_builtin)
+OURS = tuple(name for name, record in SCHEDULES.items() if record.ours)  # two chunks per rank
+RUNNABLE = tuple(name for name, record in SCHEDULES.items() if record.ours or record.megatron_builtin)
 DEFAULT = "1f1b"
 
 

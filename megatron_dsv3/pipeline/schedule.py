@@ -109,7 +109,7 @@ class Placement:
     @property
     def num_stages(self) -> int:
         """Stages per direction."""
-        return 1 + max(stage for chunks in self.stage_of for _, stage in chunks)
+        return num_stages(self.stage_of)
 
     @property
     def parameter_multiplier(self) -> float:
@@ -176,7 +176,10 @@ def validate_dualpipe(num_ranks: int, num_microbatches: int) -> None:
 def _check_dualpipe_ranks(num_ranks: int) -> None:
     _check_positive("num_ranks", num_ranks)
     if num_ranks % 2:
-        raise ValueError(f"DualPipe needs an even number of ranks (two directions meet in the middle): got num_ranks={num_ranks}")
+        raise ValueError(
+            f"DualPipe needs an even number of ranks (two directions meet in the middle): got num_ranks={num_ranks}. "
+            "Fix: use an even pipeline size (--pp / pipeline_model_parallel_size), or DualPipeV."
+        )
 
 
 # ----------------------------------------------------------------------------- placements
@@ -184,6 +187,11 @@ def _check_dualpipe_ranks(num_ranks: int) -> None:
 
 # A rank's stages: `stages[rank][chunk] = (direction, stage)`, as `Placement.stage_of`.
 StageMap = tuple[tuple[tuple[int, int], ...], ...]
+
+
+def num_stages(stage_map: StageMap) -> int:
+    """Stages per direction of a stage map."""
+    return 1 + max(stage for chunks in stage_map for _, stage in chunks)
 
 
 def one_f_one_b_stages(num_ranks: int) -> StageMap:

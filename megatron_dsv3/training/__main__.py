@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import types
 import typing
 from pathlib import Path
 
@@ -33,12 +34,14 @@ def _argparse_settings(field: dataclasses.Field, annotation) -> tuple[str, dict]
         settings.update(nargs=len(typing.get_args(annotation)), type=typing.get_args(annotation)[0])
     elif annotation in (int, float, str, Path):
         settings["type"] = annotation
-    else:  # X | None: a JSON list, or a number
+    elif typing.get_origin(annotation) is types.UnionType and type(None) in typing.get_args(annotation):  # X | None
         inner = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
         if typing.get_origin(inner) is list:
             settings.update(type=json.loads, metavar="JSON")
         else:
             settings["type"] = inner
+    else:
+        raise TypeError(f"TrainArgs.{field.name}: no command-line form for {annotation}. Fix: give it cli settings (type=...).")
     settings.update(cli)
     if settings.get("action") != "append":
         settings["default"] = field.default

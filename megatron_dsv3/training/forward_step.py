@@ -3,8 +3,8 @@
 Megatron's contract: `forward_step(data_iterator, model) -> (output, loss_func)`, and
 `loss_func(output) -> (sum of losses, token count, values to report)`; the schedule divides
 by the token count (`calculate_per_token_loss`) or the micro-batch count. Used by the compact
-loop, examples/pretrain_dsv3.py (which wraps it with the gamma / lambda schedules), the
-benchmarks and the tests.
+loop, the benchmarks and the tests; examples/pretrain_dsv3.py has its own forward step (it
+sets gamma and lambda first, and some of its ranks have no data) with this `loss_func`.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelpe
 from tqdm import tqdm
 
 from megatron_dsv3 import cpu
-from megatron_dsv3.config import ConfigError, parse_override, preset
+from megatron_dsv3.config import ConfigError, DeepSeekV3Config, parse_override, preset
 from megatron_dsv3.distributed import init_distributed, seed_everything
 from megatron_dsv3.pipeline import layout, registry
 from megatron_dsv3.pipeline.dualpipe import TimelineRecorder
@@ -79,7 +80,8 @@ class TrainArgs:
     corpus_bytes: int = _option("bytes of stdlib source to train on", 4_000_000)
     run_dir: Path = _option("metrics, plots, config.json and checkpoints go here", Path("runs/demo"))
     progress: bool = _option("progress bar (on rank 0)", True)
-    pipeline_schedule: str = _option("dualpipev / dualpipe: pipeline over --pp ranks with two chunks per rank (report §3.2)",
+    pipeline_schedule: str = _option("1f1b: no pipelining (--pp 1); dualpipev / dualpipe: pipeline over --pp ranks with two "
+                                     "chunks per rank (report §3.2.1)",
                                      registry.DEFAULT, choices=registry.RUNNABLE)
     pipeline_size: int = _option("ranks per pipeline (the rest are data parallel)", 1, flag="--pp")
     layers_per_stage: list[int] | None = _option("uneven pipeline layout, one layer count per stage, e.g. '[1,2,2,1]'", None)
@@ -92,12 +94,12 @@ class TrainArgs:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be at least 1. Fix: pass a positive value.")
         schedule = registry.get(self.pipeline_schedule, runnable=True)
-        if schedule.build_chunks is None and self.pipeline_size != 1:
+        if not schedule.ours and self.pipeline_size != 1:
             raise ValueError(
                 f"pipeline_size={self.pipeline_size} with pipeline_schedule={self.pipeline_schedule!r}: the compact loop "
                 f"pipelines with two chunks per rank only. Fix: pass --pipeline-schedule one of {registry.OURS}, or --pp 1."
             )
-        if self.layers_per_stage is not None and schedule.build_chunks is None:
+        if self.layers_per_stage is not None and not schedule.ours:
             raise ValueError(f"layers_per_stage is a pipeline layout. Fix: pass it with --pipeline-schedule one of {registry.OURS}.")
         if self.save_interval < 0:
             raise ValueError(f"save_interval={self.save_interval}: must be >= 0 (0: no checkpoints).")
@@ -113,7 +115,7 @@ class TrainArgs:
     @property
     def pipelined(self) -> bool:
         """Two chunks per rank, run by our executor (at any pipeline size, 1 included)."""
-        return self.schedule.build_chunks is not None
+        return self.schedule.ours
 
 
 def decay_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -196,16 +198,15 @@ def _run_settings(args: TrainArgs, config, dp_size: int) -> dict:
 class _Run:
     """What `_build` makes and the rest of `train` uses."""
 
-    config: object
+    config: DeepSeekV3Config
     chunks: list  # this rank's DDP-wrapped chunks
-    forward_backward: object  # the schedule's forward_backward_func
+    forward_backward: Callable[..., list]  # the schedule's forward_backward_func
     params: list  # every trainable parameter of this rank, once
     norm_params: list  # those counted in the gradient norm (DualPipe: a stage's mirror once)
     optimizer: torch.optim.Optimizer
     scheduler: OptimizerParamScheduler
     ema: ParameterEMA | None
     state: checkpoint.TrainingState
-    device: torch.device
 
 
 def train(args: TrainArgs) -> dict | None:
@@ -300,7 +301,7 @@ def _build(config, args: TrainArgs) -> _Run:
     ema_names = named_trainable_parameters([chunk.module for chunk in chunks])
     ema = ParameterEMA(ema_names, args.ema_decay, optimizer=optimizer) if args.ema_decay is not None else None
     state = checkpoint.TrainingState(chunks, optimizer, scheduler, ema, ema_names)
-    return _Run(config, chunks, forward_backward, params, norm_params, optimizer, scheduler, ema, state, device)
+    return _Run(config, chunks, forward_backward, params, norm_params, optimizer, scheduler, ema, state)
 
 
 def _data(args: TrainArgs, config, run_dir: Path, first_step: int, global_batch: int, dp_size: int):
