@@ -53,7 +53,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 from megatron.core.pipeline_parallel.schedules import backward_step, check_first_val_step, deallocate_output_tensor, forward_step
@@ -66,12 +66,9 @@ from megatron_dsv3.pipeline.simulate import TimedAction, Timeline
 from megatron_dsv3.routing import expert_load_counts
 from megatron_dsv3.weight_grad import WeightGradStore, check_deferrable, enable_weight_grad_deferral
 
-if TYPE_CHECKING:
-    from megatron_dsv3.pipeline.registry import PipelineSchedule
-
 
 def forward_backward(
-    spec: PipelineSchedule,
+    spec,
     *,
     forward_step_func,
     data_iterator,
@@ -89,7 +86,8 @@ def forward_backward(
     force_all_reduce: bool = False,
     timeline: TimelineRecorder | None = None,
 ):
-    """One global batch of the two-chunk schedule `spec`, with Megatron's `forward_backward_func`
+    """One global batch of the two-chunk schedule `spec` (its `registry.PipelineSchedule` record,
+    which imports this module: hence no annotation), with Megatron's `forward_backward_func`
     signature and return contract; `timeline` records what this rank ran (design note)."""
     groups = _process_groups(pg_collection)
     num_ranks, rank = groups.pp.size(), groups.pp.rank()
@@ -139,7 +137,7 @@ def _process_groups(pg_collection: ProcessGroupCollection | None) -> ProcessGrou
     return ProcessGroupCollection.use_mpu_process_groups(required_pgs=["pp", "embd", "cp", "tp"])
 
 
-def _check_setup(spec: PipelineSchedule, model, data_iterator, num_ranks: int, num_microbatches: int, adjust_tensor_shapes_fn,
+def _check_setup(spec, model, data_iterator, num_ranks: int, num_microbatches: int, adjust_tensor_shapes_fn,
                  embedding_group_size: int) -> None:
     """Reject what the executor cannot run, before any communication."""
     if not isinstance(model, list) or len(model) != 2:
