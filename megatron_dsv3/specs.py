@@ -11,13 +11,18 @@ Use from Python: `gpt_model(config)` or `decoder_block_spec(config)` + `mtp_bloc
 Use from Megatron-LM: `--spec megatron_dsv3.specs local_layer_spec` (or `te_layer_spec`).
 Megatron-LM passes the named object to GPTModel without calling it and without the config,
 so these two are layer specs (not functions) whose layer picks a dense or an MoE MLP from
-its global layer number and `--moe-layer-freq`, as `decoder_block_spec` does.
+its global layer number and `--moe-layer-freq`, as `decoder_block_spec` does. Megatron-LM
+builds the MTP block apart from `--spec`, from upstream's specs; for these two objects this
+module routes that to `mtp_block_spec` (see `_route_builder_mtp`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.abc
+import importlib.util
+import sys
 
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import (
@@ -226,3 +231,67 @@ def _first_k_dense_layer_spec(backend: str) -> ModuleSpec:
 
 local_layer_spec = _first_k_dense_layer_spec("local")
 te_layer_spec = _first_k_dense_layer_spec("te") if HAVE_TE else ModuleSpec(module=_TransformerEngineMissing)
+
+
+# --- Megatron-LM's MTP block for these two objects ----------------------------------------
+# pretrain_gpt.py (Megatron-LM core_r0.19) builds the model with GPTModelBuilder
+# (megatron/training/models/gpt.py). Its helper `mtp_block_spec(config, transformer_layer_spec,
+# vp_stage)` does not use the --spec object for MTP: it takes the last of upstream's
+# `get_gpt_decoder_layer_specs(...)`, i.e. upstream's TopKRouter and, on local, upstream's
+# DotProductAttention, which rejects MLA's k_channels. No spec content can change that, so for
+# our two objects the helper is routed to our `mtp_block_spec` (the MTP block `gpt_model`
+# builds); every other spec goes to upstream's helper as before. Megatron-LM is not always
+# installed (it is not on PyPI; some megatron-core wheels ship it), nor cheap to import, so the
+# module is patched if already imported, else as soon as it is.
+
+_MEGATRON_LM_BUILDER = "megatron.training.models.gpt"
+
+
+def _our_spec_backend(spec) -> str | None:
+    if spec is local_layer_spec:
+        return "local"
+    if spec is te_layer_spec:
+        return "te"
+    return None
+
+
+def _route_builder_mtp(builder_module) -> None:
+    """Make the builder module's `mtp_block_spec` build ours for our --spec objects."""
+    upstream = builder_module.mtp_block_spec
+    if getattr(upstream, "routes_dsv3_specs", False):
+        return
+
+    @functools.wraps(upstream)
+    def builder_mtp_block_spec(config, transformer_layer_spec, vp_stage=None):
+        backend = _our_spec_backend(transformer_layer_spec)
+        if backend is None:
+            return upstream(config, transformer_layer_spec, vp_stage=vp_stage)
+        return mtp_block_spec(config.transformer, backend, vp_stage=vp_stage)
+
+    builder_mtp_block_spec.routes_dsv3_specs = True
+    builder_module.mtp_block_spec = builder_mtp_block_spec
+
+
+class _RouteBuilderMtpOnImport(importlib.abc.MetaPathFinder):
+    """One-shot: patches Megatron-LM's builder module right after it is first executed."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != _MEGATRON_LM_BUILDER:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            exec_module = spec.loader.exec_module
+
+            def exec_and_route(module):
+                exec_module(module)
+                _route_builder_mtp(module)
+
+            spec.loader.exec_module = exec_and_route
+        return spec
+
+
+if _MEGATRON_LM_BUILDER in sys.modules:
+    _route_builder_mtp(sys.modules[_MEGATRON_LM_BUILDER])
+elif not any(isinstance(finder, _RouteBuilderMtpOnImport) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _RouteBuilderMtpOnImport())
