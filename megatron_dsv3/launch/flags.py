@@ -2,7 +2,9 @@
 
 `expand_argv` puts the flags of `--dsv3-preset` (the table `PRESET_FLAGS`, its switches and
 what they imply) and of `--dsv3-fp8 te` before the command line's own, so a later flag
-overrides a preset's. `FLAG_OF_FIELD` names the flag of a config field in launch errors.
+overrides a preset's; a `--num-layers` without `--moe-layer-freq` gets the preset's
+first-k-dense pattern for that many layers, as `config.preset(name, num_layers=...)` does.
+`FLAG_OF_FIELD` names the flag of a config field in launch errors.
 The way back: `model_config(args)` is the `DeepSeekV3Config` of Megatron-LM's parsed flags.
 """
 
@@ -14,7 +16,15 @@ import dataclasses
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 from megatron.training.arguments import core_transformer_config_from_args
 
-from megatron_dsv3.config import FP8_BLOCKWISE_BACKENDS, PRESETS, DeepSeekV3Config, StepSchedule, preset
+from megatron_dsv3.config import (
+    FP8_BLOCKWISE_BACKENDS,
+    PRESETS,
+    DeepSeekV3Config,
+    StepSchedule,
+    first_k_dense_freq,
+    num_dense_prefix,
+    preset,
+)
 from megatron_dsv3.launch.errors import require
 
 # DeepSeekV3Config field -> the Megatron-LM flag(s) taking its value.
@@ -81,6 +91,8 @@ FLAG_OF_FIELD = {
     "tensor_model_parallel_size": "--tensor-model-parallel-size",
     "expert_model_parallel_size": "--expert-model-parallel-size",
     "gradient_accumulation_fusion": "--no-gradient-accumulation-fusion",
+    "fp16": "--fp16",
+    "moe_router_fusion": "--moe-router-fusion",
 }
 # What our specs build, whatever the preset: MLA, with MLA's own RoPE, unfused (the config's
 # default; Megatron-LM's fuses, which MLA allows with YaRN only).
@@ -93,7 +105,7 @@ BACKEND_FLAGS = {
 }
 
 
-def _flag_value(value) -> str:
+def flag_value(value) -> str:
     if isinstance(value, StepSchedule):
         return ",".join(f"{start!r}:{v!r}" for start, v in value.steps)
     if isinstance(value, list):
@@ -113,7 +125,7 @@ def preset_argv(name: str) -> list[str]:
         value = getattr(config, field_name)
         if value is not None:
             for flag in flags:
-                argv += [flag, _flag_value(value)]
+                argv += [flag, flag_value(value)]
     for field_name, (switch, meaning) in PRESET_SWITCHES.items():
         if getattr(config, field_name) == meaning:
             argv.append(switch)
@@ -130,13 +142,38 @@ FP8_CHOICES = {
 }
 
 
+def preset_moe_layer_freq(name: str, num_layers: int) -> list[int]:
+    """Preset `name`'s first-k-dense pattern for `num_layers` layers: what `config.preset(name,
+    num_layers=...)` gives when `moe_layer_freq` is not overridden (the preset's dense prefix k,
+    at most num_layers, then MoE)."""
+    k = num_dense_prefix(PRESETS[name]["moe_layer_freq"])
+    return first_k_dense_freq(num_layers, min(k, num_layers))
+
+
+def _positive_int(text: str | None) -> int | None:
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        return None  # not given, or Megatron-LM's parser names the bad value
+    return value if value > 0 else None
+
+
 def expand_argv(argv: list[str]) -> list[str]:
-    """`argv` with the flags of its `--dsv3-preset` and `--dsv3-fp8` put before it."""
+    """`argv` with the flags of its `--dsv3-preset` and `--dsv3-fp8` put before it.
+
+    With a preset, a `--num-layers` on the command line and no `--moe-layer-freq`, the
+    preset's `--moe-layer-freq` is its first-k-dense pattern recomputed for that many layers
+    (`preset_moe_layer_freq`), as `config.preset` does for a `num_layers` override."""
     early = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     early.add_argument("--dsv3-preset")
     early.add_argument("--dsv3-fp8", choices=FP8_CHOICES, default="none")
+    early.add_argument("--num-layers")
+    early.add_argument("--moe-layer-freq")
     known, _ = early.parse_known_args(argv)
     prefix = preset_argv(known.dsv3_preset) if known.dsv3_preset else []
+    num_layers = _positive_int(known.num_layers)
+    if prefix and num_layers and known.moe_layer_freq is None and "--moe-layer-freq" in prefix:
+        prefix[prefix.index("--moe-layer-freq") + 1] = flag_value(preset_moe_layer_freq(known.dsv3_preset, num_layers))
     return prefix + list(FP8_CHOICES[known.dsv3_fp8][1]) + list(argv)
 
 
