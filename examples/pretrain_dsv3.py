@@ -2,7 +2,7 @@
 
     torchrun --nproc-per-node 8 examples/pretrain_dsv3.py --dsv3-preset proxy --bf16 \\
         --expert-model-parallel-size 8 --micro-batch-size 4 --global-batch-size 256 \\
-        --train-iters 1000 --lr 2.2e-4 --mock-data --tokenizer-type NullTokenizer --vocab-size 129279
+        --train-iters 1000 --lr 2.2e-4 --eval-interval 100 --mock-data --tokenizer-type NullTokenizer --vocab-size 129279
     python examples/pretrain_dsv3.py --dry-run ...   # check the flags, print the layout (no GPU)
     examples/slurm/*.sbatch                           # the paper's layout, and two smaller ones
 
@@ -11,7 +11,10 @@ Beyond Megatron-LM's own flags (megatron_dsv3.launch.add_args):
   --dsv3-fp8 {none,te,emulate,scaled_mm,auto}     blockwise FP8 (report §3.3)
   --dsv3-gamma-schedule, --dsv3-lambda-schedule   gamma and lambda by the fraction of the run's tokens
   --pipeline-schedule {1f1b,dualpipe,dualpipev}  Megatron's own 1F1B, or ours (installed)
+  --dsv3-init-as-single-process   every rank initialises like the single-process model (models that fit on one rank)
   --dry-run
+On a machine without CUDA (pass --distributed-backend gloo) it runs on CPU processes
+(megatron_dsv3.launch.runtime, docs/cpu.md).
 The model is `megatron_dsv3.specs.gpt_model` of the `DeepSeekV3Config` of the flags; under
 DualPipe(V) with more than one pipeline rank, a rank's two chunks built by the schedule's record
 (`megatron_dsv3.pipeline.registry`; stages and their layers: docs/pipeline.md). Each micro-batch's forward step
@@ -23,6 +26,7 @@ import dataclasses
 import sys
 from functools import partial
 
+import torch
 from megatron.core import mpu
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
@@ -35,6 +39,7 @@ from megatron.training.utils import get_blend_and_blend_per_split
 
 from megatron_dsv3 import launch, specs
 from megatron_dsv3.config import ConfigError
+from megatron_dsv3.launch import runtime
 from megatron_dsv3.pipeline import install, registry
 from megatron_dsv3.training.forward_step import loss_func
 
@@ -52,14 +57,18 @@ def model_provider(pre_process=True, post_process=True, config=None, pg_collecti
     model_config = launch.model_config(args)
     pp_size = args.pipeline_model_parallel_size
     schedule = registry.SCHEDULES[args.pipeline_schedule]
+    if args.dsv3_init_as_single_process:  # every rank from --seed (Megatron-LM offsets it by pipeline rank)
+        torch.manual_seed(args.seed)
     if not schedule.ours or pp_size == 1:
         return specs.gpt_model(model_config, pre_process, post_process, pg_collection=pg_collection)
     layers_per_stage = launch.stage_layers(args, model_config)
     # The stages carry their own layer counts, read from Megatron's per-rank ones (megatron_dsv3/launch/layout.py).
     stage_config = dataclasses.replace(model_config, num_layers_in_first_pipeline_stage=None, num_layers_in_last_pipeline_stage=None)
-    # Each chunk is initialised on its own (Megatron-LM's seeding): the single-process-equal
-    # initialisation would build the whole model on every rank, which a 671B model cannot.
-    chunks = schedule.build_chunks(stage_config, mpu.get_pipeline_model_parallel_rank(), pp_size, layers_per_stage, init_as_single_process=False)
+    # By default each chunk is initialised on its own (Megatron-LM's seeding): the
+    # single-process-equal initialisation builds the whole model on every rank, which a 671B
+    # model cannot; --dsv3-init-as-single-process asks for it (models that fit on one rank).
+    chunks = schedule.build_chunks(stage_config, mpu.get_pipeline_model_parallel_rank(), pp_size, layers_per_stage,
+                                   init_as_single_process=args.dsv3_init_as_single_process)
     return ModelChunks(chunks)
 
 
@@ -120,7 +129,10 @@ def main() -> int:
             print(launch.dry_run(args))
             return 0
         set_global_variables(args)  # also builds the tokenizer, which pads the vocabulary
-        launch.pipeline_layout(args, launch.model_config(args))  # fail before any process group exists
+        model_config = launch.model_config(args)
+        launch.pipeline_layout(args, model_config)  # fail before any process group exists
+        # Fixes to the wheel; on a machine without CUDA, its checks, the CPU layer and the process groups.
+        runtime.prepare(args, model_config)
     except (launch.LaunchError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

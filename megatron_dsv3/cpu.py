@@ -11,16 +11,41 @@ Megatron-Core 0.19 trains a GPTModel with MLA + MoE + MTP on CPU with exactly th
   4. the allgather token dispatcher (alltoall creates a CUDA stream in `__init__`).
 `enable()` applies 1 and 2 and checks 3 and 4 against the config. It is opt-in, idempotent,
 and does nothing on a machine with a GPU.
+
+Megatron-LM's training loop (`megatron.training.pretrain`, examples/pretrain_dsv3.py) needs
+more, measured with megatron-core 0.19.2 (its wheel ships `megatron.training`):
+`enable_megatron_lm()` adds them, each for a named caller (docs/cpu.md lists the call sites):
+  5. `initialize_megatron(allow_no_cuda=True)`: Megatron-LM's own switch for a run without
+     CUDA (`pretrain` does not pass it);
+  6. `torch.cuda.Stream()` / `torch.cuda.stream(s)`: `get_model` builds DDP inside a side
+     stream; on CPU a stream whose waits do nothing and a context that does nothing;
+  7. `torch.cuda.get_rng_state` / `set_rng_state` (and the same two of `torch.cuda.random`):
+     the rerun state machine saves and restores the CUDA generator around every step, and
+     selective recompute (`CheckpointWithoutOutput`, `--recompute-modules`) around each
+     recomputed forward; on CPU there is none (the CPU generator is saved beside it);
+  8. tensors asked for on "cuda" (`device="cuda"` literals, `.cuda()`, `.to("cuda")`) are made
+     on the CPU, and `Tensor.type()` reports the CUDA type name (clip_grads asserts it):
+     `_CudaOnCpu`, a torch function mode, since these are about twenty call sites in the
+     loop, the optimizer, the schedules and the rerun state machine;
+  9. the RNG tracker's states: on CPU it tracks no CUDA generator (item 2), and Megatron-LM's
+     checkpoint load takes an empty tracker for a checkpoint without RNG state ("Unable to
+     load rng state", exit): it reports one empty placeholder state, which loading ignores.
+     Python's, NumPy's and torch's generators are saved and restored by Megatron-LM itself.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 from megatron.core import tensor_parallel
+from torch.overrides import TorchFunctionMode
 
 from megatron_dsv3.config import DeepSeekV3Config, check_runs_on_cpu
 
 _enabled = False
+_megatron_lm_enabled = False
 
 
 class _HostStream:
@@ -56,4 +81,53 @@ def enable(config: DeepSeekV3Config | None = None) -> bool:
         torch.cuda.synchronize = lambda device=None: None
         tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
         _enabled = True
+    return True
+
+
+_NO_CUDA_GENERATOR = "megatron_dsv3.cpu: no CUDA generator"  # item 9
+
+
+def _on_cuda(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, int) and not isinstance(device, bool)  # an index is a CUDA device
+
+
+class _CudaOnCpu(TorchFunctionMode):
+    """Item 8 of the module note: what Megatron-LM's loop asks for on "cuda" is made on the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if _on_cuda(kwargs.get("device")):
+            kwargs = {**kwargs, "device": "cpu"}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.to:
+            args = tuple("cpu" if _on_cuda(arg) else arg for arg in args)
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:  # the type's name
+            return func(*args).replace("torch.", "torch.cuda.", 1)
+        return func(*args, **kwargs)
+
+
+def enable_megatron_lm() -> bool:
+    """`enable()`, then what Megatron-LM's training loop needs on CPU (module note, items 5-9).
+    Returns True when active; a no-op on a machine with a GPU. Idempotent. The torch function
+    mode applies to the calling thread, the one that runs `pretrain`."""
+    global _megatron_lm_enabled
+    if not enable():
+        return False
+    if not _megatron_lm_enabled:
+        import megatron.training.training as megatron_lm_training
+
+        megatron_lm_training.initialize_megatron = functools.partial(megatron_lm_training.initialize_megatron, allow_no_cuda=True)
+        torch.cuda.Stream = lambda *args, **kwargs: _HOST_STREAM
+        torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
+        for module in (torch.cuda, torch.cuda.random):  # the rerun state machine reads one, recompute the other
+            module.get_rng_state = lambda device="cuda": torch.get_rng_state()
+            module.set_rng_state = lambda new_state, device="cuda": None
+        _CudaOnCpu().__enter__()
+        tensor_parallel.get_cuda_rng_tracker().get_states = lambda: {_NO_CUDA_GENERATOR: torch.empty(0, dtype=torch.uint8)}
+        _megatron_lm_enabled = True
     return True

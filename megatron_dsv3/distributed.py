@@ -37,14 +37,17 @@ def local_process_env(rank: int, world_size: int, port: int) -> None:
 
 
 def init_distributed(pipeline_size: int = 1, get_embedding_ranks: Callable[[list[int]], list[int]] | None = None,
-                     timeout: datetime.timedelta | None = None, backend: str | None = None) -> None:
+                     timeout: datetime.timedelta | None = None, backend: str | None = None, *,
+                     tensor_model_parallel_size: int = 1, context_parallel_size: int = 1,
+                     expert_model_parallel_size: int = 1) -> None:
     """Join torchrun's process group (or make a one-process one), then Megatron's groups.
 
     `pipeline_size` ranks per pipeline, the rest of the world data parallel;
     `get_embedding_ranks` is Megatron's hook for the embedding group (None: its default, the
     first and last pipeline ranks); `timeout` bounds the default group's collectives and
     Megatron's groups' (the pipeline's P2P among them; Megatron's default is 30 minutes);
-    `backend` defaults to NCCL where CUDA is, else gloo. Idempotent: groups that exist are kept."""
+    `backend` defaults to NCCL where CUDA is, else gloo; the other model-parallel sizes are
+    Megatron's (`initialize_model_parallel`). Idempotent: groups that exist are kept."""
     if not torch.distributed.is_initialized():
         if "RANK" not in os.environ:
             local_process_env(0, 1, free_port())
@@ -52,14 +55,18 @@ def init_distributed(pipeline_size: int = 1, get_embedding_ranks: Callable[[list
         torch.distributed.init_process_group(backend, **({"timeout": timeout} if timeout is not None else {}))
     if not parallel_state.model_parallel_is_initialized():
         world = torch.distributed.get_world_size()
-        if world % pipeline_size:
+        model_parallel = pipeline_size * tensor_model_parallel_size * context_parallel_size
+        if world % model_parallel:
             raise ValueError(
-                f"pipeline_size={pipeline_size} does not divide the {world} processes. Fix: launch a multiple of "
-                f"{pipeline_size} processes (torchrun --nproc-per-node), or change --pp."
+                f"pipeline_size={pipeline_size} x tensor {tensor_model_parallel_size} x context {context_parallel_size} "
+                f"does not divide the {world} processes. Fix: launch a multiple of {model_parallel} processes "
+                "(torchrun --nproc-per-node), or change the parallel sizes."
             )
         timeout_minutes = {"distributed_timeout_minutes": timeout.total_seconds() / 60} if timeout is not None else {}
         parallel_state.initialize_model_parallel(
-            pipeline_model_parallel_size=pipeline_size, get_embedding_ranks=get_embedding_ranks, **timeout_minutes
+            tensor_model_parallel_size=tensor_model_parallel_size, pipeline_model_parallel_size=pipeline_size,
+            context_parallel_size=context_parallel_size, expert_model_parallel_size=expert_model_parallel_size,
+            get_embedding_ranks=get_embedding_ranks, **timeout_minutes,
         )
 
 

@@ -592,7 +592,8 @@ def load_mcore_tensors(mcore_dir: str | os.PathLike, config: DeepSeekV3Config, k
             continue
         value.data = torch.empty(value.data.shape, dtype=value.data.dtype)
         wanted[key] = value
-    return dist_checkpointing.load(wanted, str(mcore_dir))
+    loaded = dist_checkpointing.load(wanted, str(mcore_dir))
+    return {key: loaded[key] for key in wanted}  # without the common state (a Megatron-LM checkpoint's args, iteration, ...)
 
 
 def _hf_tensors(entry: Entry, tensor: torch.Tensor, fp8: bool) -> dict[str, torch.Tensor]:

@@ -44,7 +44,7 @@ OTHER_LAYOUT_FLAGS = {
 }
 
 
-def _flagged(error: ConfigError, context: str = "") -> LaunchError:
+def flagged(error: ConfigError, context: str = "") -> LaunchError:
     """A config rule broken by the command line: the rule's message, led by the flag that sets the field."""
     return LaunchError(f"{context}{FLAG_OF_FIELD.get(error.field_name, error.field_name)}: {error}")
 
@@ -73,7 +73,7 @@ def check_parallelism(args: argparse.Namespace) -> None:
                 num_moe_experts=args.num_experts, expert_model_parallel_size=ep,
             ))
         except ConfigError as error:
-            raise _flagged(error) from None
+            raise flagged(error) from None
     if args.num_experts:
         require(
             (world // pp) % (ep * etp) == 0,
@@ -94,7 +94,7 @@ def check_parallelism(args: argparse.Namespace) -> None:
         try:
             check_deferrable(args)  # Megatron-LM's args carry the config's field name
         except ConfigError as error:
-            raise _flagged(error, f"--pipeline-schedule={args.pipeline_schedule} needs ") from None
+            raise flagged(error, f"--pipeline-schedule={args.pipeline_schedule} needs ") from None
     for name, flag in OTHER_LAYOUT_FLAGS.items():
         require(
             not getattr(args, name),

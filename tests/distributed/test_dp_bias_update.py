@@ -5,7 +5,6 @@ summed across ranks by the test itself, and report §2.1.2's sign rule on that s
 the biases both ranks end up with (identical on both).
 """
 
-import pytest
 import torch
 import torch.multiprocessing as mp
 

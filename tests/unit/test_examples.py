@@ -5,21 +5,22 @@ import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from megatron.training.global_vars import set_global_variables, unset_global_variables
+from megatron.training.training import get_train_valid_test_num_samples, update_train_iters
 
 from megatron_dsv3 import launch, specs
 from megatron_dsv3.config import PRESETS, preset
+from megatron_dsv3.launch.args import NO_VALIDATION_INTERVAL
+from megatron_dsv3.launch.flags import flag_value
 
-REPO = Path(__file__).resolve().parents[2]
-SBATCH = {path.stem: path for path in sorted((REPO / "examples" / "slurm").glob("*.sbatch"))}
+from slurm_scripts import PRETRAIN, SBATCH, script_launch
 
 
 def _load_example():
-    spec = importlib.util.spec_from_file_location("pretrain_dsv3", REPO / "examples" / "pretrain_dsv3.py")
+    spec = importlib.util.spec_from_file_location("pretrain_dsv3", PRETRAIN)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -52,20 +53,29 @@ def _main(monkeypatch, argv, world_size=1, rank="0"):
     return pretrain_dsv3.main()
 
 
-def _sbatch_dry_run(tmp_path, monkeypatch, name, *extra):
-    """`DRY_RUN=1 bash <script> <extra>` with a stand-in interpreter that records what it is
-    given (the environment's world size and the flags), which then runs here, in-process:
-    one Python start-up for all the scripts. Returns main()'s exit code."""
-    recorder = tmp_path / "python"
-    recorder.write_text('#!/bin/sh\necho "$WORLD_SIZE $RANK $LOCAL_WORLD_SIZE"\nprintf "%s\\n" "$@"\n')
-    recorder.chmod(0o755)
-    env = {**os.environ, "DRY_RUN": "1", "PYTHON": str(recorder)}
-    run = subprocess.run(["bash", str(SBATCH[name]), *extra], env=env, cwd="/", capture_output=True, text=True, check=True)
-    banner, environment, script, *argv = run.stdout.splitlines()
-    assert banner.startswith(f"dry run of {name}.sbatch") and Path(script) == REPO / "examples" / "pretrain_dsv3.py"
-    world_size, rank, gpus_per_node = environment.split()
+def _sbatch_launch(tmp_path, monkeypatch, name, *extra):
+    """The script's world size, rank and flags (slurm_scripts.script_launch); sets LOCAL_WORLD_SIZE."""
+    world_size, rank, gpus_per_node, argv = script_launch(name, tmp_path, *extra)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", gpus_per_node)
-    return _main(monkeypatch, argv, int(world_size), rank)
+    return world_size, rank, argv
+
+
+def _sbatch_dry_run(tmp_path, monkeypatch, name, *extra):
+    """The script's flags run here, in-process, by examples/pretrain_dsv3.py's main(): one Python
+    start-up for all the scripts. Returns main()'s exit code."""
+    world_size, rank, argv = _sbatch_launch(tmp_path, monkeypatch, name, *extra)
+    return _main(monkeypatch, argv, world_size, rank)
+
+
+def _dataset_sizes(args):
+    """What Megatron-LM's `pretrain` asks of the parsed flags before it builds the datasets:
+    the training iterations (`update_train_iters`), then the samples of each split."""
+    set_global_variables(args, build_tokenizer=False)
+    try:
+        update_train_iters(args)
+        return get_train_valid_test_num_samples()
+    finally:
+        unset_global_variables()
 
 
 @pytest.fixture
@@ -74,7 +84,7 @@ def tiny_launch(monkeypatch):
 
     def parse(*extra):
         argv = ["--dsv3-preset", "tiny", "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "10",
-                "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "256",
+                "--eval-iters", "0", "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "256",
                 "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion",  # compiled on first use: seconds on a CPU
                 *extra]
         monkeypatch.setattr(sys, "argv", ["pretrain_dsv3.py", *launch.expand_argv(argv)])
@@ -103,7 +113,7 @@ def test_preset_flags_give_the_preset_config(monkeypatch, name):
     """Megatron-LM's parser over `preset_argv(name)` builds the preset's config: every mapped
     field (and what a switch implies) equals the preset's value."""
     monkeypatch.setenv("WORLD_SIZE", "1")
-    monkeypatch.setattr(sys, "argv", ["pretrain_dsv3.py", *launch.expand_argv(["--dsv3-preset", name, "--micro-batch-size", "1", "--dry-run"])])
+    monkeypatch.setattr(sys, "argv", ["pretrain_dsv3.py", *launch.expand_argv(["--dsv3-preset", name, "--micro-batch-size", "1", "--eval-iters", "0", "--dry-run"])])
     args = launch.parse_args()
     config, expected = launch.model_config(args), preset(name)
     for field_name in [*launch.PRESET_FLAGS, *launch.PRESET_IMPLIED]:
@@ -182,10 +192,134 @@ def test_model_provider_builds_the_ranks_two_chunks_under_dualpipev(tiny_launch,
     chunks.model_type = "set by Megatron-LM's get_model"  # a plain list would refuse it
 
 
+@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("num_layers", [1, 4, 7])
+def test_num_layers_after_a_preset_recomputes_its_moe_layer_freq(name, num_layers):
+    """As preset(name, num_layers=N): the preset's first k layers dense (at most N), the rest MoE;
+    either spelling of the flag."""
+    expected = flag_value(preset(name, num_layers=num_layers).moe_layer_freq)
+    for argv in (["--dsv3-preset", name, "--num-layers", str(num_layers)], ["--dsv3-preset", name, f"--num-layers={num_layers}"]):
+        expanded = launch.expand_argv(argv)
+        assert [expanded[i + 1] for i, flag in enumerate(expanded) if flag == "--moe-layer-freq"] == [expected]
+
+
+def test_num_layers_after_a_preset_gives_a_model_config_like_presets(tiny_launch, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    config = launch.model_config(tiny_launch("--num-layers", "4"))
+    assert config.num_layers == 4 and config.moe_layer_freq == preset("tiny", num_layers=4).moe_layer_freq == [0, 1, 1, 1]
+
+
+def test_a_given_moe_layer_freq_is_kept(tiny_launch, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert tiny_launch("--num-layers", "4", "--moe-layer-freq", "([0]*2+[1]*2)").moe_layer_freq == [0, 0, 1, 1]
+
+
+TINY = ["--dsv3-preset", "tiny", "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "10", "--eval-iters", "0",
+        "--dry-run"]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--num-layers", "4", "--moe-layer-freq", "[0,1,1]"],
+         "--moe-layer-freq=[0,1,1] (3 entries) with --num-layers=4: needs one 0 (dense) or 1 (MoE) per layer. "
+         "Fix: pass --moe-layer-freq '([0]*1+[1]*3)' (the first 1 dense, then MoE)"),
+        (["--moe-layer-freq", "([0]*2+[1]*3)"],  # the preset's 3 layers
+         "--moe-layer-freq=[0,0,1,1,1] (5 entries) with --num-layers=3: needs one 0 (dense) or 1 (MoE) per layer. "
+         "Fix: pass --moe-layer-freq '([0]*2+[1]*1)'"),
+        (["--moe-layer-freq", "[0,2,1]"], "--moe-layer-freq=[0,2,1] (3 entries) with --num-layers=3"),
+    ],
+)
+def test_a_moe_layer_freq_that_does_not_fit_num_layers_names_both_flags(monkeypatch, capsys, extra, message):
+    assert _main(monkeypatch, [*TINY, *extra]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {message}" in err and "after --dsv3-preset, leave --moe-layer-freq out" in err
+    assert "first_k_dense_freq(" not in err
+
+
+ON_A_CPU = [*(flag for flag in TINY if flag != "--dry-run"), "--mock-data", "--tokenizer-type", "NullTokenizer",
+            "--vocab-size", "256", "--distributed-backend", "gloo"]
+WITHOUT_CUDA = "on a machine without CUDA, "
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--distributed-backend", "nccl"], "--distributed-backend=nccl on a machine without CUDA. Fix: pass --distributed-backend gloo."),
+        (["--moe-token-dispatcher-type", "alltoall"],
+         f"{WITHOUT_CUDA}--moe-token-dispatcher-type: moe_token_dispatcher_type='alltoall': the alltoall and flex dispatchers"),
+        (["--transformer-impl", "transformer_engine"], f"{WITHOUT_CUDA}--transformer-impl: transformer_impl='transformer_engine'"),
+        (["--bf16"], f"{WITHOUT_CUDA}--bf16: bf16=True: the CPU path trains in fp32"),
+        (["--dsv3-preset", "tiny-fp8", "--dsv3-fp8", "scaled_mm"], f"{WITHOUT_CUDA}--dsv3-fp8: fp8_blockwise='scaled_mm'"),
+        (["--use-precision-aware-optimizer"], "--use-precision-aware-optimizer on a machine without CUDA: it needs"),
+    ],
+)
+def test_what_the_cpu_path_cannot_run_stops_the_launch_naming_the_flag(monkeypatch, capsys, extra, message):
+    """Before any process group or hook (runtime.prepare's first step on a machine without CUDA)."""
+    try:
+        assert _main(monkeypatch, [*ON_A_CPU, *extra]) == 2
+    finally:
+        unset_global_variables()
+    assert f"error: {message}" in capsys.readouterr().err
+
+
+NO_INTERVAL = "Fix: pass --eval-interval N (validate every N steps), or --eval-iters 0 for no validation."
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ([flag for flag in TINY if flag not in ("--eval-iters", "0")],  # Megatron-LM's default: 100
+         "--eval-interval is not set and --eval-iters=100: Megatron-LM validates every --eval-interval steps and divides "
+         f"by it to size the validation data (a TypeError before the first step). {NO_INTERVAL}"),
+        ([*TINY, "--eval-iters", "10"], "--eval-interval is not set and --eval-iters=10: "),
+        ([*TINY, "--full-validation"], "--eval-interval is not set and --eval-iters=0 with --full-validation: "),
+        ([*TINY, "--eval-interval", "0"], "--eval-interval=0: Megatron-LM divides by it to size the validation data. Fix: "
+                                          "pass a positive --eval-interval N"),
+    ],
+)
+def test_a_launch_that_validates_needs_an_eval_interval(monkeypatch, capsys, flags, message):
+    assert _main(monkeypatch, flags) == 2
+    err = capsys.readouterr().err
+    assert f"error: {message}" in err and (NO_INTERVAL in err or "--eval-interval=0" in message)
+
+
+@pytest.mark.parametrize(
+    "extra, sizes",
+    [
+        ([], (20, 0, 0)),  # no validation: the interval is filled in only as the divisor Megatron-LM needs
+        (["--eval-interval", "5", "--eval-iters", "2"], (20, (10 // 5 + 1) * 2 * 2, 2 * 2)),  # 3 validations of 2 x 2
+    ],
+)
+def test_validation_flags_size_megatrons_datasets(tiny_launch, monkeypatch, extra, sizes):
+    """10 steps of 2 samples, sized as `pretrain` does before step 0 (tiny_launch sets Megatron's globals)."""
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    args = tiny_launch(*extra)
+    assert args.eval_interval == (int(extra[1]) if extra else NO_VALIDATION_INTERVAL)
+    update_train_iters(args)
+    assert get_train_valid_test_num_samples() == sizes
+
+
+def test_every_sbatch_launch_sizes_megatrons_datasets(tmp_path, monkeypatch):
+    """The scripts' flags through Megatron-LM's dataset sizing, as `pretrain` runs it before step 0
+    (a TypeError there without an --eval-interval); each script trains without validation."""
+    steps = {"deepseek_v3_671b": 3613281250 // 15360, "deepseek_v2_lite": 100000, "proxy": 20000}
+    for name in SBATCH:
+        world_size, rank, argv = _sbatch_launch(tmp_path, monkeypatch, name)
+        monkeypatch.setenv("WORLD_SIZE", str(world_size))
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setattr(sys, "argv", ["pretrain_dsv3.py", *launch.expand_argv(argv)])
+        args = launch.parse_args()
+        train, valid, test = _dataset_sizes(args)
+        assert (args.train_iters, valid, test) == (steps[name], 0, 0), name
+        assert train == (args.train_samples or steps[name] * args.global_batch_size), name
+
+
 # --- Layout checks (megatron_dsv3.launch)
 
 
-PROXY = ["--dsv3-preset", "proxy", "--micro-batch-size", "4", "--global-batch-size", "256", "--dry-run", "--pipeline-model-parallel-size", "8"]
+PROXY = ["--dsv3-preset", "proxy", "--micro-batch-size", "4", "--global-batch-size", "256", "--eval-iters", "0", "--dry-run",
+         "--pipeline-model-parallel-size", "8"]
 
 
 @pytest.mark.parametrize(

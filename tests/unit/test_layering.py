@@ -67,4 +67,4 @@ def test_every_unit_has_a_layer():
 def test_imports_run_downward(path):
     unit = _unit(path)
     upward = {imported for imported in _imported_units(path) - {unit} if _layer(imported) >= _layer(unit)}
-    assert not upward, f"{path.relative_to(PACKAGE)} (layer {layer}) imports {sorted(upward)} from its layer or above"
+    assert not upward, f"{path.relative_to(PACKAGE)} (layer {_layer(unit)}) imports {sorted(upward)} from its layer or above"

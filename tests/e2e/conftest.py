@@ -1,0 +1,15 @@
+"""The compact loop's shared runs: launched once per session, read by every module that compares against them."""
+
+import pytest
+
+from compact_loop import STEPS, run
+
+
+@pytest.fixture(scope="session")
+def compact_runs(tmp_path_factory):
+    """`single` (one process, a checkpoint at step 3 that test_train_pipeline resumes) and
+    `pp2` (DualPipeV on 2 processes, a checkpoint at the last step). Saving changes no number."""
+    root = tmp_path_factory.mktemp("compact")
+    run(root / "single", 1, "--save-interval", "3")
+    run(root / "pp2", 2, "--pipeline-schedule", "dualpipev", "--pp", "2", "--save-interval", str(STEPS))
+    return root
