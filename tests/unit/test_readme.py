@@ -157,16 +157,27 @@ def test_pretrain_gpt_flags_parse_with_megatron_lms_own_parser(monkeypatch):
 # --- "Launch with Megatron-LM (examples/)": the command
 
 
-def _launch_command_argv() -> list[str]:
-    (block,) = code_blocks(section("Launch with Megatron-LM (examples/)"), "bash")
-    command = shlex.split(block.split("DRY_RUN=1")[0].replace("\\\n", " "), comments=True)
-    return command[command.index("examples/pretrain_dsv3.py") + 1:]
+def _launch_commands() -> list[tuple[int, list[str]]]:
+    """(processes, flags) of each examples/pretrain_dsv3.py command in the README's launch section."""
+    commands = []
+    for block in code_blocks(section("Launch with Megatron-LM (examples/)"), "bash"):
+        command = shlex.split(block.split("DRY_RUN=1")[0].replace("\\\n", " "), comments=True)
+        if "examples/pretrain_dsv3.py" in command:
+            processes = int(command[command.index("--nproc-per-node") + 1])
+            commands.append((processes, command[command.index("examples/pretrain_dsv3.py") + 1:]))
+    return commands
 
 
-def test_the_launch_command_sizes_megatrons_datasets(monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "8")
+def test_the_readme_has_a_gpu_and_a_cpu_launch_command():
+    assert [("--distributed-backend" in flags, processes) for processes, flags in _launch_commands()] == [(False, 8), (True, 2)]
+
+
+@pytest.mark.parametrize("command", _launch_commands(), ids=["gpu", "cpu"])
+def test_the_launch_commands_size_megatrons_datasets(monkeypatch, command):
+    processes, flags = command
+    monkeypatch.setenv("WORLD_SIZE", str(processes))
     monkeypatch.setenv("RANK", "0")
-    monkeypatch.setattr(sys, "argv", ["pretrain_dsv3.py", *launch.expand_argv([*_launch_command_argv(), "--dry-run"])])
+    monkeypatch.setattr(sys, "argv", ["pretrain_dsv3.py", *launch.expand_argv([*flags, "--dry-run"])])
     args = launch.parse_args()
     set_global_variables(args, build_tokenizer=False)
     try:
