@@ -82,6 +82,7 @@ from torch.distributed.checkpoint import CheckpointException, FileSystemWriter
 from torch.distributed.checkpoint.planner import WriteItemType
 from tqdm import tqdm
 
+from megatron_dsv3 import safe_load
 from megatron_dsv3.config import FP8_TILE, DeepSeekV3Config, moe_layer_pattern, num_dense_prefix
 from megatron_dsv3.fp8 import BlockwiseFP8, quantize_128x128
 from megatron_dsv3.specs import gpt_model
@@ -592,7 +593,8 @@ def load_mcore_tensors(mcore_dir: str | os.PathLike, config: DeepSeekV3Config, k
             continue
         value.data = torch.empty(value.data.shape, dtype=value.data.dtype)
         wanted[key] = value
-    loaded = dist_checkpointing.load(wanted, str(mcore_dir))
+    with safe_load.reading(mcore_dir):  # nothing in the checkpoint runs code
+        loaded = dist_checkpointing.load(wanted, str(mcore_dir))
     return {key: loaded[key] for key in wanted}  # without the common state (a Megatron-LM checkpoint's args, iteration, ...)
 
 

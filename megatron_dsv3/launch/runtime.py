@@ -46,7 +46,7 @@ import functools
 
 import torch
 
-from megatron_dsv3 import config, cpu, distributed
+from megatron_dsv3 import config, cpu, distributed, safe_load
 from megatron_dsv3.config import DeepSeekV3Config
 from megatron_dsv3.launch.errors import require
 from megatron_dsv3.launch.layout import flagged
@@ -59,6 +59,7 @@ def prepare(args: argparse.Namespace, model_config: DeepSeekV3Config) -> None:
     on_cpu = not torch.cuda.is_available()
     if on_cpu:
         check_runs_on_cpu(args, model_config)
+    safe_load.install()  # Megatron-LM's --load: nothing in the checkpoint runs code
     use_prebuilt_dataset_helpers()
     let_distributed_optimizer_load()
     let_recompute_run_without_te()

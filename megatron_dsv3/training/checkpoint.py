@@ -49,6 +49,7 @@ from megatron.core.dist_checkpointing.optimizer import (
 )
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+from megatron_dsv3 import safe_load
 from megatron_dsv3.training.ema import ParameterEMA
 from megatron_dsv3.training.optimizer import AdamWLowPrecisionMoments
 
@@ -178,7 +179,8 @@ def load(root: Path, state: TrainingState, run: dict) -> dict:
     if step is None:
         raise FileNotFoundError(f"no complete checkpoint under {root} (no {LATEST} file). Fix: start without --resume.")
     directory = step_dir(root, step)
-    common = dist_checkpointing.load_common_state_dict(str(directory))
+    with safe_load.reading(directory):  # nothing in the checkpoint runs code
+        common = dist_checkpointing.load_common_state_dict(str(directory))
     for field, value in run.items():
         if common["run"].get(field) != value:
             raise ValueError(
@@ -186,7 +188,8 @@ def load(root: Path, state: TrainingState, run: dict) -> dict:
                 f"Fix: resume with the same {field}, or start a new --run-dir."
             )
     _ensure_optimizer_state(state.optimizer)
-    loaded = dist_checkpointing.load(_sharded_state(state), str(directory))
+    with safe_load.reading(directory):
+        loaded = dist_checkpointing.load(_sharded_state(state), str(directory))
 
     for index, chunk in enumerate(state.chunks):
         _unwrapped(chunk).load_state_dict(loaded["model"][f"chunk{index}"], strict=True)

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "megatron_dsv3"
 # docs/architecture.md: layer of each unit, lowest first.
 LAYERS = {
     "config": 0,
-    "weight_grad": 1, "distributed": 1, "cpu": 1,
+    "weight_grad": 1, "distributed": 1, "cpu": 1, "safe_load": 1,
     "attention": 2, "routing": 2, "fp8": 2,
     "specs": 3,
     "pipeline": 4,
