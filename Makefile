@@ -17,7 +17,7 @@ $(INSTALLED): setup.py
 demo: $(INSTALLED)
 	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --nproc-per-node 2 -m megatron_dsv3.training \
 		--preset tiny-fp8 --set num_layers=4 --pipeline-schedule dualpipev --pp 2 \
-		--steps 120 --micro-batch-size 4 --num-microbatches 4 --run-dir runs/demo --check
+		--steps 120 --micro-batch-size 4 --num-microbatches 4 --run-dir runs/demo --overwrite --check
 
 test: $(INSTALLED)
 	$(PY) -m pytest

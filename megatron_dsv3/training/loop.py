@@ -20,7 +20,10 @@ bit-identically on CPU.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
+import math
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +90,10 @@ class TrainArgs:
     layers_per_stage: list[int] | None = _option("uneven pipeline layout, one layer count per stage, e.g. '[1,2,2,1]'", None)
     save_interval: int = _option("write a checkpoint to RUN_DIR/checkpoints every N steps (0: never)", 0)
     resume: bool = _option("continue from RUN_DIR/checkpoints/latest", False)
+    overwrite: bool = _option("start in a RUN_DIR that holds another run: its files are removed first", False)
+    distributed_timeout_minutes: float = _option(
+        "a peer that neither answers nor fails (stopped, stuck) ends the job after this long: the process groups' "
+        "timeout, pipeline P2P included", 10.0)
     ema_decay: float | None = _option("keep an EMA of the parameters in CPU memory (report §3.2.3)", None)
 
     def __post_init__(self):
@@ -107,6 +114,11 @@ class TrainArgs:
             raise ValueError(f"warmup_steps={self.warmup_steps}: must be in [0, steps={self.steps}). Fix: shorten the warm-up.")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"min_lr={self.min_lr}: must be in [0, lr={self.lr}]. Fix: lower min_lr.")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite: one continues the run in RUN_DIR, the other replaces it. Fix: pass one.")
+        if not self.distributed_timeout_minutes > 0:
+            raise ValueError(f"distributed_timeout_minutes={self.distributed_timeout_minutes}: must be positive. "
+                             "Fix: pass e.g. --distributed-timeout-minutes 10.")
 
     @property
     def schedule(self) -> registry.PipelineSchedule:
@@ -186,12 +198,32 @@ def _model_config(args: TrainArgs):
 
 
 def _run_settings(args: TrainArgs, config, dp_size: int) -> dict:
-    """What a resumed run must share with the run that saved (checkpoint.load checks it)."""
+    """What a resumed run must share with the run that saved (checkpoint.load checks it, field by
+    field, before loading anything): the model (the preset and every --set override: together
+    they are the resolved config), the batch and the layout, the data, and the optimizer and its
+    schedule (a resume continues the saved run; it changes none of them)."""
     return {
-        "preset": args.preset, "micro_batch_size": args.micro_batch_size, "num_microbatches": args.num_microbatches,
+        "preset": args.preset, "overrides": dict(sorted(args.overrides.items())),
+        "micro_batch_size": args.micro_batch_size, "num_microbatches": args.num_microbatches,
         "data_parallel_size": dp_size, "pipeline_schedule": args.pipeline_schedule, "pipeline_size": args.pipeline_size,
+        "layers_per_stage": args.layers_per_stage,
         "seq_length": config.seq_length, "steps": args.steps, "seed": args.seed, "corpus_bytes": args.corpus_bytes,
+        "lr": args.lr, "min_lr": args.min_lr, "warmup_steps": args.warmup_steps, "weight_decay": args.weight_decay,
+        "adam_betas": tuple(args.adam_betas), "clip_grad": args.clip_grad, "bf16_moments": args.bf16_moments,
+        "ema_decay": args.ema_decay,
     }
+
+
+def _check_run_dir(run_dir: Path, args: TrainArgs) -> None:
+    """A run directory holds one run: another's metrics, config and checkpoints are continued
+    (--resume) or replaced (--overwrite), never mixed with a new run's."""
+    held = sorted(path.name for path in run_dir.iterdir()) if run_dir.is_dir() else []
+    if held and not (args.resume or args.overwrite):
+        listing = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        raise ValueError(
+            f"{run_dir} holds another run ({listing}). Fix: pass --resume to continue it, --overwrite to replace it, "
+            "or choose a new --run-dir."
+        )
 
 
 @dataclass
@@ -212,17 +244,17 @@ class _Run:
 def train(args: TrainArgs) -> dict | None:
     """Train; returns the summary on global rank 0 (None on the other ranks)."""
     config = _model_config(args)
-    init_distributed(args.pipeline_size, get_embedding_ranks=args.schedule.get_embedding_ranks)
+    run_dir = Path(args.run_dir)
+    checkpoints = run_dir / "checkpoints"
+    _check_run_dir(run_dir, args)
+    init_distributed(args.pipeline_size, get_embedding_ranks=args.schedule.get_embedding_ranks,
+                     timeout=datetime.timedelta(minutes=args.distributed_timeout_minutes))
     cpu.enable(config)
     seed_everything(args.seed)
     is_logger = torch.distributed.get_rank() == 0
-    run_dir = Path(args.run_dir)
-    checkpoints = run_dir / "checkpoints"
-    if args.save_interval and not args.resume and checkpoint.latest_step(checkpoints) is not None:
-        raise ValueError(
-            f"{checkpoints} already holds step {checkpoint.latest_step(checkpoints)}. Fix: pass --resume to continue "
-            "that run, or choose a new --run-dir."
-        )
+    if args.overwrite and is_logger and run_dir.exists():
+        shutil.rmtree(run_dir)
+    torch.distributed.barrier()  # every rank sees the directory after rank 0 cleared it
     run_dir.mkdir(parents=True, exist_ok=True)
 
     run = _build(config, args)
@@ -250,7 +282,7 @@ def train(args: TrainArgs) -> dict | None:
         config.apply_token_schedules(consumed_tokens=(step - 1) * tokens_per_step, total_tokens=args.steps * tokens_per_step)
         if step == args.steps and args.pipelined:  # the last step's timeline is plotted
             timeline = TimelineRecorder()
-        record = {"step": step, **_train_step(run, args, data_iterator, timeline)}
+        record = {"step": step, **_train_step(run, args, data_iterator, timeline, step)}
         if is_logger:
             log.write(record)
             bar.set_postfix(lm=f"{record['lm_loss']:.3f}", mtp=f"{record.get('mtp_loss', 0):.3f}", maxvio=f"{record['max_violation'] or 0:.3f}")
@@ -321,8 +353,10 @@ def _data(args: TrainArgs, config, run_dir: Path, first_step: int, global_batch:
     return infinite(loader)
 
 
-def _train_step(run: _Run, args: TrainArgs, data_iterator, timeline: TimelineRecorder | None) -> dict:
-    """One global batch: forward and backward, clip, AdamW, LR, EMA; the step's metrics."""
+def _train_step(run: _Run, args: TrainArgs, data_iterator, timeline: TimelineRecorder | None, step: int) -> dict:
+    """One global batch: forward and backward, clip, AdamW, LR, EMA; the step's metrics. A
+    non-finite gradient norm stops the run before the optimizer step (every rank sees the same
+    all-reduced norm, so all stop)."""
     for chunk in run.chunks:
         chunk.zero_grad_buffer()
     run.optimizer.zero_grad(set_to_none=True)
@@ -339,6 +373,12 @@ def _train_step(run: _Run, args: TrainArgs, data_iterator, timeline: TimelineRec
     for p in run.params:  # Megatron DDP accumulates into main_grad
         p.grad = p.main_grad
     grad_norm = clip_grad_norm_(run.params, args.clip_grad, parallel_state.get_model_parallel_group(), run.norm_params)
+    if not math.isfinite(grad_norm):
+        raise FloatingPointError(
+            f"step {step}: the gradient norm is {grad_norm}; {_first_non_finite_gradient(run.chunks)}. The run stops "
+            "before the optimizer step (nothing of this step is saved). Fix: lower --lr, or check the data and the "
+            "--set overrides."
+        )
     run.optimizer.step()
     run.scheduler.step(1)
     if run.ema is not None:
@@ -351,6 +391,14 @@ def _train_step(run: _Run, args: TrainArgs, data_iterator, timeline: TimelineRec
         **step_metrics(losses, run.config, run.chunks, args.num_microbatches, parallel_state.get_pipeline_model_parallel_group(),
                        parallel_state.get_data_parallel_group()),
     }
+
+
+def _first_non_finite_gradient(chunks) -> str:
+    for index, chunk in enumerate(chunks):
+        for name, param in chunk.module.named_parameters():
+            if param.requires_grad and not torch.isfinite(param.main_grad).all():
+                return f"the first non-finite gradient on this rank, in parameter order, is {name} (chunk {index})"
+    return "every gradient on this rank is finite (another rank's is not)"
 
 
 def _finish(args: TrainArgs, run_dir: Path, records: list[dict], timeline) -> dict:

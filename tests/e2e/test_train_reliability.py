@@ -1,0 +1,104 @@
+"""The compact loop refuses what would silently corrupt a run, and never hangs or succeeds on NaN.
+
+- A run directory holds one run: another's files are continued (--resume) or replaced
+  (--overwrite), never mixed in.
+- A resume with another model (a --set override) or another optimizer setting is refused
+  before anything is loaded, naming the setting and both values.
+- A non-finite gradient norm stops the run at its step, naming the first such gradient.
+- A peer that is alive but stopped ends the job after --distributed-timeout-minutes.
+The runs are in this process (tests/conftest.py's process group), except the stopped peer's.
+"""
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import compact_loop as compact
+import psutil
+import pytest
+
+from megatron_dsv3.training.__main__ import main
+
+pytestmark = pytest.mark.slow
+
+TINY = ["--set", "num_layers=2", "--micro-batch-size", "2", "--num-microbatches", "1", "--corpus-bytes", "1000000",
+        "--warmup-steps", "0", "--no-progress"]
+
+
+def test_a_run_directory_holding_another_run_is_refused(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "lm_loss": 5.0}\n')
+    with pytest.raises(ValueError, match=rf"{run_dir} holds another run \(metrics.jsonl\). Fix: pass --resume"):
+        main([*TINY, "--steps", "2", "--run-dir", str(run_dir)])
+    assert (run_dir / "metrics.jsonl").read_text() == '{"step": 1, "lm_loss": 5.0}\n'  # untouched
+
+
+def test_overwrite_replaces_the_other_run(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "foreign.txt").write_text("another run's file")
+    assert main([*TINY, "--steps", "2", "--run-dir", str(run_dir), "--overwrite"]) == 0
+    assert not (run_dir / "foreign.txt").exists()
+    assert [r["step"] for r in compact.records(run_dir)] == [1, 2]
+
+
+@pytest.mark.parametrize("changed, message", [
+    (["--set", "moe_router_topk=4"], "was saved with overrides={'num_layers': 8, 'seq_length': 32}, this run has overrides="),
+    (["--lr", "1e-3"], "was saved with lr=0.003, this run has lr=0.001"),
+    (["--ema-decay", "0.9"], "was saved with ema_decay=None, this run has ema_decay=0.9"),
+])
+def test_a_resume_with_another_model_or_optimizer_is_refused(compact_runs, tmp_path, changed, message):
+    """The shared single-process run (tests/e2e/conftest.py) saved at step 3."""
+    run_dir = tmp_path / "single"
+    shutil.copytree(compact_runs / "single", run_dir)
+    with pytest.raises(ValueError, match="Fix: resume with the same") as error:
+        main([*compact.COMMON, "--run-dir", str(run_dir), "--resume", *changed])
+    assert message in str(error.value)
+
+
+def test_a_non_finite_gradient_stops_the_run_naming_the_step(tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.raises(FloatingPointError, match=r"step 2: the gradient norm is nan; the first non-finite gradient on "
+                                                 r"this rank, in parameter order, is embedding.word_embeddings.weight"):
+        main([*TINY, "--steps", "4", "--lr", "1e30", "--min-lr", "0", "--run-dir", str(run_dir), "--check"])
+    assert [r["step"] for r in compact.records(run_dir)] == [1]  # step 2 is not logged
+
+
+TIMEOUT_MINUTES, BOUND_S = 0.2, 60  # 12 s
+
+
+def test_a_stopped_peer_ends_the_job_after_the_timeout(tmp_path):
+    """DualPipeV on 2 processes; once step 1 is logged, rank 1 is stopped (SIGSTOP: alive, sockets
+    open, answering nothing). Rank 0 must fail on the timeout within the bound (torchrun then
+    ends the job: it stops the other workers once one has failed)."""
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "megatron_dsv3.training",
+               *TINY, "--set", "num_layers=4", "--num-microbatches", "4", "--steps", "50", "--pipeline-schedule", "dualpipev",
+               "--pp", "2", "--run-dir", str(run_dir), "--distributed-timeout-minutes", str(TIMEOUT_MINUTES)]
+    env = {**compact.child_env(), "TORCHDYNAMO_DISABLE": "1"}  # no first-call compile racing the short timeout
+    job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stopped = None
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text():
+            assert job.poll() is None and time.monotonic() < deadline, "the job ended before its first step"
+            time.sleep(0.2)
+        workers = {w.environ().get("RANK"): w for w in psutil.Process(job.pid).children(recursive=True)}
+        stopped, failing = workers["1"], workers["0"]
+        stopped.send_signal(signal.SIGSTOP)
+        start = time.monotonic()
+        exit_code = failing.wait(timeout=BOUND_S)
+        took = time.monotonic() - start
+    finally:
+        if stopped is not None and stopped.is_running():
+            stopped.send_signal(signal.SIGCONT)
+        for process in psutil.Process(job.pid).children(recursive=True):
+            process.kill()
+        job.kill()
+    output, _ = job.communicate()
+    assert exit_code != 0
+    assert "pipeline rank 0: receiving" in output and "--distributed-timeout-minutes" in output, output[-3000:]
+    assert TIMEOUT_MINUTES * 60 * 0.8 <= took <= BOUND_S, took
