@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
+import types
+import typing
 from dataclasses import dataclass
 
 import torch
@@ -309,6 +312,8 @@ def preset(name: str, **overrides) -> DeepSeekV3Config:
         if key in TORCH_DTYPE_FIELDS and isinstance(value, str):
             _check(isinstance(getattr(torch, value, None), torch.dtype), key, value, "not a torch dtype", "use e.g. 'bfloat16' or 'float32'")
             overrides[key] = getattr(torch, value)
+        else:
+            check_field_type(key, value)
     fields = {**PRESETS[name], **overrides, "preset_name": name}
     if "num_layers" in overrides and "moe_layer_freq" not in overrides:
         k = num_dense_prefix(PRESETS[name]["moe_layer_freq"])
@@ -335,16 +340,90 @@ def parse_override(text: str) -> tuple[str, object]:
                                          "--set 'rope_type=\"yarn\"'") from error
 
 
+@functools.cache
+def _field_types() -> dict:
+    return typing.get_type_hints(DeepSeekV3Config)
+
+
+def _matches(value, hint) -> bool | None:
+    """Whether `value` (JSON-shaped: a --set value) is of type `hint`; None where no JSON value
+    could say (callables, modules, dataclasses)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is typing.Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        answers = [_matches(value, arg) for arg in args]
+        return True if True in answers else (None if None in answers else False)
+    if hint is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return value in args
+    if origin in (list, tuple) or hint in (list, tuple):
+        return isinstance(value, (list, tuple)) and all(_matches(item, args[0]) is not False for item in value) if args else isinstance(value, (list, tuple))
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return None
+
+
+# Fields whose Megatron annotation omits None though None is a value Megatron reads.
+NULLABLE_FIELDS = {"q_lora_rank"}  # None: no query compression (MLASelfAttention)
+_JSON_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null",
+               list: "a list", tuple: "a list", dict: "an object"}
+
+
+def _type_name(hint) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in typing.get_args(hint))
+    if typing.get_origin(hint) in (list, tuple):
+        return "a list"
+    return _JSON_NAMES.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def check_field_type(field_name: str, value) -> None:
+    """An override's value against its field's annotation (`--set` values are JSON)."""
+    hint = _field_types()[field_name]
+    if (value is None and field_name in NULLABLE_FIELDS) or _matches(value, hint) is not False:
+        return
+    fix = ("--set values are JSON: quote a string, e.g. --set 'rope_type=\"yarn\"'" if _matches("", hint)
+           else f"pass {_type_name(hint)}")
+    raise ConfigError(field_name, value, f"is {_JSON_NAMES.get(type(value), type(value).__name__)}; the field takes "
+                                         f"{_type_name(hint)}", fix)
+
+
 def _check(ok: bool, field_name: str, value, rule: str, fix: str) -> None:
     if not ok:
         raise ConfigError(field_name, value, rule, fix)
 
 
 def validate_basics(c) -> None:
-    """Sizes every model needs. Reads num_layers, vocab_size, seq_length."""
+    """Sizes every model needs, and the parallel sizes, before any rule divides by one.
+
+    Reads num_layers, vocab_size, seq_length, hidden_size, ffn_hidden_size,
+    num_attention_heads, layernorm_epsilon and the `PARALLEL_SIZES`.
+    """
     _check(c.num_layers >= 1, "num_layers", c.num_layers, "needs at least one layer", "set num_layers >= 1")
     _check(c.vocab_size >= 2, "vocab_size", c.vocab_size, "needs at least two tokens", "set vocab_size to the tokenizer's size")
     _check(c.seq_length >= 2, "seq_length", c.seq_length, "a next-token loss needs 2 or more tokens", "set seq_length >= 2")
+    for name in ("hidden_size", "ffn_hidden_size", "num_attention_heads"):
+        _check(getattr(c, name) >= 1, name, getattr(c, name), "a size must be positive", f"set {name} >= 1")
+    _check(c.layernorm_epsilon > 0, "layernorm_epsilon", c.layernorm_epsilon, "RMSNorm divides by sqrt(mean + epsilon)",
+           "use a small positive value such as 1e-6")
+    for name in PARALLEL_SIZES:
+        value = getattr(c, name)
+        _check(value is None or value >= 1, name, value, "a parallel size counts ranks: at least 1", f"set {name} >= 1")
+
+
+# The parallel sizes every config has (None: Megatron's default, the tensor-parallel size).
+PARALLEL_SIZES = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
+                  "expert_model_parallel_size", "expert_tensor_parallel_size")
+# Megatron's router: the load-balancing types it knows (TopKRouter).
+LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "quantile_balancing", "none")
 
 
 def validate_parallelism(c) -> None:
@@ -402,6 +481,8 @@ def validate_moe(c) -> None:
     moe_router_topk, moe_expert_capacity_factor, moe_router_num_groups, moe_router_group_topk,
     moe_router_enable_expert_bias, moe_router_score_function, moe_aux_loss_coeff.
     """
+    _check(not isinstance(c.moe_layer_freq, int) or c.moe_layer_freq >= 1, "moe_layer_freq", c.moe_layer_freq,
+           "an integer N means one MoE layer every N layers: at least 1", "use first_k_dense_freq(num_layers, k)")
     pattern = moe_layer_pattern(c)
     _check(
         len(pattern) == c.num_layers and set(pattern) <= {0, 1},
@@ -411,6 +492,17 @@ def validate_moe(c) -> None:
     )
     if not c.num_moe_experts:
         return
+    for name in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
+        value = getattr(c, name)
+        _check(value is None or value >= 1, name, value, "a size must be positive", f"set {name} >= 1 (or None)")
+    types = c.moe_router_load_balancing_type if isinstance(c.moe_router_load_balancing_type, list) else [c.moe_router_load_balancing_type]
+    _check(set(types) <= set(LOAD_BALANCING_TYPES), "moe_router_load_balancing_type", c.moe_router_load_balancing_type,
+           "not a load-balancing type Megatron's router knows", f"use one of {LOAD_BALANCING_TYPES} (paper: 'seq_aux_loss')")
+    _check(c.moe_router_topk_scaling_factor is None or c.moe_router_topk_scaling_factor > 0, "moe_router_topk_scaling_factor",
+           c.moe_router_topk_scaling_factor, "scales the gates of the chosen experts: must be positive", "paper: 2.5; None for 1")
+    _check(c.bias_update_rate_schedule is not None or c.moe_router_bias_update_rate >= 0,  # else validate_schedules
+           "moe_router_bias_update_rate", c.moe_router_bias_update_rate,
+           "gamma, the bias update speed, cannot be negative (the bias would move away from balance)", "paper: 0.001")
     E, K = c.num_moe_experts, c.moe_router_topk
     _check(0 < K <= E, "moe_router_topk", K, f"must be between 1 and num_moe_experts={E}", f"set moe_router_topk <= {E}")
     _check(
@@ -426,6 +518,7 @@ def validate_moe(c) -> None:
         "set both (paper: 8 groups, top-4) or neither",
     )
     if groups is not None:
+        _check(groups >= 1, "moe_router_num_groups", groups, "counts groups: at least 1", "paper: 8 (one per node)")
         _check(E % groups == 0, "moe_router_num_groups", groups, f"does not divide num_moe_experts={E}", "choose a group count that divides the experts")
         _check(
             0 < group_topk <= groups, "moe_router_group_topk", group_topk,

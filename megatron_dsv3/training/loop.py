@@ -47,7 +47,7 @@ from megatron_dsv3.pipeline.simulate import plot_timeline
 from megatron_dsv3.routing import finalize_model_grads_with_load
 from megatron_dsv3.specs import gpt_model
 from megatron_dsv3.training import checkpoint
-from megatron_dsv3.training.data import build_datasets
+from megatron_dsv3.training.data import ByteTokenizer, build_datasets
 from megatron_dsv3.training.ema import ParameterEMA, named_trainable_parameters
 from megatron_dsv3.training.forward_step import forward_step
 from megatron_dsv3.training.metrics import step_metrics, summarize
@@ -179,6 +179,12 @@ def _model_config(args: TrainArgs):
             "the compact loop keeps FP32 master weights and has no mixed-precision wrapper (Float16Module)",
             "train with params_dtype=float32, bf16=False (use --bf16-moments for BF16 optimizer state, "
             "fp8_blockwise for FP8 GEMMs)",
+        )
+    if config.vocab_size < ByteTokenizer.vocab_size:
+        raise ConfigError(
+            "vocab_size", config.vocab_size,
+            f"the training data's byte tokenizer has {ByteTokenizer.vocab_size} ids (256 bytes and an end-of-document token)",
+            f"set vocab_size >= {ByteTokenizer.vocab_size}",
         )
     if config.pipeline_model_parallel_size != args.pipeline_size:
         raise ValueError(

@@ -59,6 +59,12 @@ def test_a_resume_with_another_model_or_optimizer_is_refused(compact_runs, tmp_p
     assert message in str(error.value)
 
 
+def test_a_vocabulary_smaller_than_the_tokenizers_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="vocab_size=200: the training data's byte tokenizer has 257 ids"):
+        main([*TINY, "--steps", "2", "--set", "vocab_size=200", "--run-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_non_finite_gradient_stops_the_run_naming_the_step(tmp_path):
     run_dir = tmp_path / "run"
     with pytest.raises(FloatingPointError, match=r"step 2: the gradient norm is nan; the first non-finite gradient on "

@@ -93,6 +93,24 @@ INVALID = [
     (dict(bias_update_rate_schedule=StepSchedule(((0.0, -0.001),))), "bias_update_rate_schedule"),
     (dict(moe_router_bias_update_rate=0.05), "moe_router_bias_update_rate"),  # disagrees with the schedule
     (dict(moe_aux_loss_coeff=[1e-3, -1e-4]), "moe_aux_loss_coeff"),
+    # sizes and counts that crashed inside torch or Megatron (ZeroDivisionError, empty tensors), or trained nonsense
+    (dict(hidden_size=0), "hidden_size"),
+    (dict(ffn_hidden_size=-1), "ffn_hidden_size"),
+    (dict(num_attention_heads=0), "num_attention_heads"),
+    (dict(layernorm_epsilon=0.0), "layernorm_epsilon"),
+    (dict(tensor_model_parallel_size=0), "tensor_model_parallel_size"),
+    (dict(expert_model_parallel_size=0), "expert_model_parallel_size"),
+    (dict(moe_router_num_groups=0), "moe_router_num_groups"),
+    (dict(moe_layer_freq=0), "moe_layer_freq"),
+    (dict(moe_ffn_hidden_size=0), "moe_ffn_hidden_size"),
+    (dict(moe_router_topk_scaling_factor=-2.5), "moe_router_topk_scaling_factor"),
+    (dict(moe_router_bias_update_rate=-0.001, bias_update_rate_schedule=None), "moe_router_bias_update_rate"),  # constant gamma
+    (dict(moe_router_load_balancing_type="balanced"), "moe_router_load_balancing_type"),
+    # --set values of the wrong JSON type
+    (dict(seq_length=32.5), "seq_length"),
+    (dict(moe_router_topk="4"), "moe_router_topk"),
+    (dict(qk_layernorm="yes"), "qk_layernorm"),
+    (dict(num_moe_experts="8"), "num_moe_experts"),
 ]
 
 
@@ -110,6 +128,15 @@ def test_fp8_inner_dims_of_the_gpu_presets_are_whole_tiles():
         dims = fp8_inner_dims(preset(name))
         assert {"hidden_size", "q_lora_rank", "kv_lora_rank", "moe_ffn_hidden_size"} <= set(dims)
         assert all(size % 128 == 0 for size in dims.values()), (name, dims)
+
+
+def test_a_wrong_json_type_names_the_type_and_for_strings_the_quoting():
+    with pytest.raises(ConfigError, match="seq_length=32.5: is a number; the field takes an integer. Fix: pass an integer."):
+        preset("tiny", seq_length=32.5)
+    with pytest.raises(ConfigError, match="""rope_type=1: is an integer; the field takes a string. Fix: --set values are JSON: """
+                                          """quote a string, e.g. --set 'rope_type="yarn"'"""):
+        preset("tiny", rope_type=1)
+    assert preset("tiny", q_lora_rank=None).q_lora_rank is None  # Megatron annotates it int; None is no query compression
 
 
 def test_unknown_preset_and_unknown_field_are_named():
