@@ -34,6 +34,7 @@ import functools
 import io
 import os
 import pickle
+import traceback
 
 import torch
 from torch.distributed.checkpoint import default_planner, filesystem, metadata, planner
@@ -61,7 +62,11 @@ ALLOWED_GLOBALS = {
 OUR_SAFE_GLOBALS = [StepSchedule]
 
 
-class UnsafeCheckpointError(ValueError):
+class CheckpointReadError(ValueError):
+    """A checkpoint that cannot be read: names the directory or file and what is wrong."""
+
+
+class UnsafeCheckpointError(CheckpointReadError):
     """A checkpoint file that asks the unpickler for something DCP never writes there."""
 
 
@@ -127,15 +132,27 @@ def install() -> None:
 @contextlib.contextmanager
 def reading(directory: str | os.PathLike):
     """`install()`, then the body's loads from `directory`: its `.metadata` is checked first
-    (DCP itself would turn the error into text), and an item's error names the directory."""
+    (DCP itself would turn the error into text), and what DCP reports as a multi-rank
+    traceback (`CheckpointException`: a refused item, a truncated or corrupted `.distcp`)
+    becomes one line naming the directory."""
     install()
-    reader = filesystem.FileSystemReader(os.fspath(directory))
+    directory = os.fspath(directory)
+    reader = filesystem.FileSystemReader(directory)
     if os.path.exists(reader._get_metadata_path()):
-        reader.read_metadata()
+        try:
+            reader.read_metadata()
+        except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as error:
+            if isinstance(error, CheckpointReadError):
+                raise
+            raise CheckpointReadError(f"{reader._get_metadata_path()}: not a readable checkpoint index ({error}). Fix: "
+                                      "resume from an earlier checkpoint, or write this one again") from None
     try:
         yield
     except CheckpointException as error:  # how DCP reports what a rank raised
-        for exception, _ in error.failures.values():
-            if isinstance(exception, UnsafeCheckpointError):
-                raise UnsafeCheckpointError(f"{os.fspath(directory)}: {exception}") from None
-        raise
+        exceptions = [exception for exception, _ in error.failures.values()]
+        unsafe = [exception for exception in exceptions if isinstance(exception, UnsafeCheckpointError)]
+        if unsafe:
+            raise UnsafeCheckpointError(f"{directory}: {unsafe[0]}") from None
+        first = "".join(traceback.format_exception_only(type(exceptions[0]), exceptions[0])).strip().splitlines()[-1]
+        raise CheckpointReadError(f"{directory}: could not be read, a file in it is truncated or corrupted ({first}). "
+                                  "Fix: resume from an earlier checkpoint, or write this one again") from None

@@ -76,7 +76,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
     _replace_state_dict_keys_with_sharded_keys,
     mcore_to_pyt_state_dict,
 )
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.distributed.checkpoint import CheckpointException, FileSystemWriter
 from torch.distributed.checkpoint.planner import WriteItemType
@@ -100,6 +100,27 @@ GATE, UP = (0, 2), (1, 2)  # Megatron's linear_fc1 = [gate; up] along the output
 
 class ConversionError(ValueError):
     """Bad input: names the tensor, the file and the fix."""
+
+
+def _read_json(path: Path, what: str) -> dict:
+    """A JSON file, or a ConversionError naming it and what is wrong."""
+    try:
+        loaded = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConversionError(f"{path}: not a readable JSON {what} ({error}). Fix: restore it from the checkpoint's source.") from None
+    if not isinstance(loaded, dict):
+        raise ConversionError(f"{path}: holds a JSON {type(loaded).__name__}, not the {what}'s object. Fix: restore it.")
+    return loaded
+
+
+@contextmanager
+def _shard(path: Path):
+    """`safe_open` of one safetensors file; a truncated or corrupted one is named."""
+    try:
+        with safe_open(path, "pt") as f:
+            yield f
+    except SafetensorError as error:
+        raise ConversionError(f"{path}: not a readable safetensors file ({error}). Fix: re-download the shard.") from None
 
 
 @dataclass(frozen=True)
@@ -382,10 +403,12 @@ class HFCheckpoint:
         directory = Path(directory)
         if (directory / INDEX_FILE).exists():
             listing = directory / INDEX_FILE
-            file_of = json.loads(listing.read_text())["weight_map"]
+            file_of = _read_json(listing, "index").get("weight_map")
+            if not isinstance(file_of, dict):
+                raise ConversionError(f"{listing}: has no weight_map (tensor name -> shard file). Fix: re-download the index.")
         elif (directory / SINGLE_FILE).exists():
             listing = directory / SINGLE_FILE
-            with safe_open(listing, "pt") as f:
+            with _shard(listing) as f:
                 file_of = dict.fromkeys(f.keys(), SINGLE_FILE)
         else:
             raise ConversionError(f"{directory}: neither {INDEX_FILE} nor {SINGLE_FILE}. Fix: point --hf at a "
@@ -399,7 +422,7 @@ class HFCheckpoint:
             if not path.exists():
                 raise ConversionError(f"missing shard {path}: {listing.name} lists {len(names)} tensors in it, "
                                       f"e.g. {names[0]}. Fix: download the missing file.")
-            with safe_open(path, "pt") as f:
+            with _shard(path) as f:
                 present = set(f.keys())
                 for name in names:
                     if name not in present:
@@ -414,8 +437,11 @@ class HFCheckpoint:
 
     def read(self, name: str) -> torch.Tensor:
         """One tensor; the shard is mapped only while it is read, so nothing stays resident."""
-        with safe_open(self.where(name), "pt") as f:
-            return f.get_tensor(name)
+        with _shard(self.where(name)) as f:
+            try:
+                return f.get_tensor(name)
+            except SafetensorError as error:  # the header was whole, the data is not
+                raise ConversionError(f"{self.where(name)}: tensor {name} is unreadable ({error}). Fix: re-download the shard.") from None
 
 
 def _check_hf_tensors(hf: HFCheckpoint, expected: list[Entry], specs: dict) -> None:
@@ -470,11 +496,24 @@ def _read_hf(hf: HFCheckpoint, name: str) -> torch.Tensor:
 # --- Output directory: temporary, renamed when complete ----------------------------------------
 
 
+def _process_alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @contextmanager
 def _atomic_directory(out: str | os.PathLike) -> Iterator[Path]:
     out = Path(out)
     if out.exists():
         raise ConversionError(f"--out {out} exists. Fix: remove it or choose a new directory.")
+    for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by a conversion that was killed
+        if not _process_alive(stale.name.rpartition("-")[2]):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -542,7 +581,7 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, config: D
     config_path = hf_dir / "config.json"
     if not config_path.exists():
         raise ConversionError(f"{config_path} is missing. Fix: point --hf at the directory with config.json.")
-    check_hf_config(json.loads(config_path.read_text()), config, str(config_path))
+    check_hf_config(_read_json(config_path, "config"), config, str(config_path))
     hf = HFCheckpoint.open(hf_dir)
     model = meta_model(config)
     specs = _tensor_specs(model)

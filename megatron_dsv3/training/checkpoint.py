@@ -32,6 +32,7 @@ it as chunk 0) and read into both copies; the moments and the EMA follow their p
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import queue
 import random
@@ -48,6 +49,7 @@ from megatron.core.dist_checkpointing.optimizer import (
     optim_state_to_sharding_state,
 )
 from megatron.core.dist_checkpointing.strategies import filesystem_async
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_dsv3 import safe_load
 from megatron_dsv3.training.ema import ParameterEMA
@@ -63,7 +65,17 @@ def step_dir(root: Path, step: int) -> Path:
 def latest_step(root: Path) -> int | None:
     """The step of the newest complete checkpoint under `root`, or None."""
     path = root / LATEST
-    return int(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    text = path.read_text().strip()
+    if not text.isdigit():
+        raise safe_load.CheckpointReadError(f"{path}: holds {text[:40]!r}, not a step number. Fix: write the step of a "
+                                            f"complete checkpoint into it (one of {_complete_steps(root) or 'none'}).")
+    return int(text)
+
+
+def _complete_steps(root: Path) -> list[int]:
+    return sorted(int(p.name.removeprefix("iter_")) for p in root.glob("iter_*") if p.name.removeprefix("iter_").isdigit())
 
 
 @dataclasses.dataclass
@@ -161,7 +173,16 @@ def save(root: Path, state: TrainingState, progress: dict, run: dict) -> Path:
         shutil.rmtree(incomplete, ignore_errors=True)  # left by a save that was killed
         incomplete.mkdir(parents=True)
     torch.distributed.barrier()
-    dist_checkpointing.save(sharded, str(incomplete))
+    try:
+        dist_checkpointing.save(sharded, str(incomplete))
+    except (OSError, CheckpointException) as error:  # DCP reports every rank's error to every rank
+        if rank == 0:
+            shutil.rmtree(incomplete, ignore_errors=True)
+        kept = f"the previous checkpoint stays the latest (step {latest_step(root)})" if latest_step(root) else "no checkpoint is kept"
+        if _no_space(error):
+            raise OSError(errno.ENOSPC, f"no space left on the device of {root} while writing {incomplete}; {kept} and the "
+                                        "partial save is removed. Fix: free space, or pass a --run-dir on a larger disk") from None
+        raise OSError(f"writing {incomplete} failed ({error}); {kept} and the partial save is removed") from error
     torch.distributed.barrier()  # every rank has written its part
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -173,12 +194,24 @@ def save(root: Path, state: TrainingState, progress: dict, run: dict) -> Path:
     return final
 
 
+def _no_space(error: BaseException) -> bool:
+    """Whether `error`, or one DCP gathered from a rank, is a full disk."""
+    if isinstance(error, CheckpointException):
+        return any(_no_space(exception) for exception, _ in error.failures.values())
+    return (isinstance(error, OSError) and error.errno == errno.ENOSPC) or (error.__cause__ is not None and _no_space(error.__cause__))
+
+
 def load(root: Path, state: TrainingState, run: dict) -> dict:
     """Restore the newest complete checkpoint under `root` into `state`; returns its progress."""
     step = latest_step(root)
     if step is None:
         raise FileNotFoundError(f"no complete checkpoint under {root} (no {LATEST} file). Fix: start without --resume.")
     directory = step_dir(root, step)
+    if not directory.is_dir():
+        raise safe_load.CheckpointReadError(
+            f"{root / LATEST} names step {step}, but {directory} does not exist. Fix: write the step of a complete "
+            f"checkpoint into it (one of {_complete_steps(root) or 'none'}), or start without --resume."
+        )
     with safe_load.reading(directory):  # nothing in the checkpoint runs code
         common = dist_checkpointing.load_common_state_dict(str(directory))
     for field, value in run.items():

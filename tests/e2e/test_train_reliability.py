@@ -6,6 +6,7 @@
   before anything is loaded, naming the setting and both values.
 - A non-finite gradient norm stops the run at its step, naming the first such gradient.
 - A peer that is alive but stopped ends the job after --distributed-timeout-minutes.
+- A save that runs out of space says so, keeps the previous checkpoint and leaves no partial one.
 The runs are in this process (tests/conftest.py's process group), except the stopped peer's.
 """
 
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import compact_loop as compact
 import psutil
@@ -108,3 +110,28 @@ def test_a_stopped_peer_ends_the_job_after_the_timeout(tmp_path):
     assert exit_code != 0
     assert "pipeline rank 0: receiving" in output and "--distributed-timeout-minutes" in output, output[-3000:]
     assert TIMEOUT_MINUTES * 60 * 0.8 <= took <= BOUND_S, took
+
+
+def test_a_save_that_runs_out_of_space_says_so_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    """The second save fails as a full disk makes DCP's writer fail: after part of its files."""
+    import errno
+
+    from megatron_dsv3.training import checkpoint
+
+    megatron_save, saves = checkpoint.dist_checkpointing.save, []
+
+    def filling_save(state, directory, *args, **kwargs):
+        saves.append(directory)
+        if len(saves) == 2:
+            (Path(directory) / "__0_0.distcp").write_bytes(b"half a shard")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return megatron_save(state, directory, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.dist_checkpointing, "save", filling_save)
+    run_dir = tmp_path / "run"
+    with pytest.raises(OSError, match=r"no space left on the device of .*checkpoints while writing .*iter_0000002.incomplete; "
+                                      r"the previous checkpoint stays the latest \(step 1\)"):
+        main([*TINY, "--steps", "3", "--save-interval", "1", "--run-dir", str(run_dir)])
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "1"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["iter_0000001", "latest"]

@@ -252,7 +252,29 @@ def wrong_dtype(d: Path):
     return path.name, NORM
 
 
-@pytest.mark.parametrize("damage", [missing_shard, wrong_shape, unknown_key, missing_key, wrong_dtype])
+def truncated_shard(d: Path):
+    path = d / json.loads((d / INDEX).read_text())["weight_map"][KV_B]
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path.name, "not a readable safetensors file"
+
+
+def index_not_json(d: Path):
+    (d / INDEX).write_text('{"weight_map": {')
+    return INDEX, "not a readable JSON index"
+
+
+def index_without_weight_map(d: Path):
+    (d / INDEX).write_text('{"metadata": {}}')
+    return INDEX, "has no weight_map"
+
+
+def broken_config(d: Path):
+    (d / "config.json").write_text("{'hidden_size': 64}")
+    return "config.json", "not a readable JSON config"
+
+
+@pytest.mark.parametrize("damage", [missing_shard, wrong_shape, unknown_key, missing_key, wrong_dtype,
+                                    truncated_shard, index_not_json, index_without_weight_map, broken_config])
 def test_bad_input_names_tensor_and_file_and_leaves_no_output(hf_checkpoint, tmp_path, damage):
     source = tmp_path / "hf"
     shutil.copytree(hf_checkpoint[1], source)
@@ -261,6 +283,14 @@ def test_bad_input_names_tensor_and_file_and_leaves_no_output(hf_checkpoint, tmp
         hf_to_mcore(source, tmp_path / "out", config(), progress=False)
     assert file in str(error.value) and tensor in str(error.value), str(error.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_a_killed_conversions_partial_output_is_removed_by_the_next(hf_checkpoint, tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    stale = tmp_path / f".out.partial-{dead.stdout.strip()}"  # a pid that has exited
+    (stale / "half-written").mkdir(parents=True)
+    hf_to_mcore(hf_checkpoint[1], tmp_path / "out", config(), progress=False)
+    assert not stale.exists() and (tmp_path / "out").is_dir()
 
 
 def test_failure_while_writing_leaves_no_output(hf_checkpoint, tmp_path, monkeypatch):

@@ -124,3 +124,33 @@ def test_an_honest_checkpoint_loads_the_same(tmp_path):
         loaded = dist_checkpointing.load(_template(), str(tmp_path))
     assert torch.equal(loaded["weight"], torch.arange(4.0))
     assert loaded["extra"]["step"] == 3 and torch.equal(loaded["extra"]["rng"], torch.get_rng_state())
+
+
+# --- a checkpoint that cannot be read is named in one line (issue 11, item 7)
+
+
+def test_a_latest_that_is_not_a_step_is_named(tmp_path):
+    (tmp_path / checkpoint.LATEST).write_text("iter_3\n")
+    with pytest.raises(safe_load.CheckpointReadError, match=r"latest: holds 'iter_3', not a step number"):
+        checkpoint.load(tmp_path, state=None, run={})
+
+
+def test_a_latest_that_names_a_missing_step_is_named(tmp_path):
+    checkpoint.step_dir(tmp_path, 1).mkdir()
+    (tmp_path / checkpoint.LATEST).write_text("5")
+    with pytest.raises(safe_load.CheckpointReadError, match=r"names step 5, but .*iter_0000005 does not exist.*one of \[1\]"):
+        checkpoint.load(tmp_path, state=None, run={})
+
+
+@pytest.mark.parametrize("damaged, message", [
+    ("__0_0.distcp", "could not be read, a file in it is truncated or corrupted"),
+    (".metadata", ".metadata: not a readable checkpoint index"),
+])
+def test_a_truncated_checkpoint_file_is_named(tmp_path, damaged, message):
+    dist_checkpointing.save(_state({"plain": 1}), str(tmp_path))
+    path = tmp_path / damaged
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(safe_load.CheckpointReadError, match=message) as error:
+        with safe_load.reading(tmp_path):
+            dist_checkpointing.load(_template(), str(tmp_path))
+    assert str(tmp_path) in str(error.value) and "\n" not in str(error.value)
