@@ -71,6 +71,9 @@ def run(costs: Costs, pps=DEFAULT_PP, microbatches: int | None = None) -> dict:
     activation_bound, activations_within_bound, activation_peak_1f1b_stages,
     parameter_multiplier), agree_where_formula_holds, activations_within_bound.
     Raises ValueError (with the rule) for a P or micro-batch count a schedule cannot run."""
+    if microbatches is not None and microbatches < 1:
+        raise ValueError(f"microbatches={microbatches}: a step needs at least one micro-batch. Fix: pass --microbatches >= 1, "
+                         "or leave it out for 4P")
     rows = [
         measure(name, p, microbatches or default_microbatches(p), costs)
         for p in pps

@@ -87,9 +87,10 @@ NO_VALIDATION_INTERVAL = 1000
 
 
 def check_flags(args: argparse.Namespace) -> None:
-    """The layer pattern against the layer count; the validation interval, filled in where no validation
-    runs (module note)."""
+    """The layer count, and the layer pattern against it; the validation interval, filled in where no
+    validation runs (module note)."""
     freq, layers = args.moe_layer_freq, args.num_layers
+    require(layers is None or layers >= 1, f"--num-layers={layers}: a model needs at least one layer", "pass --num-layers >= 1")
     if args.num_experts and isinstance(freq, list) and layers is not None:
         k = min(num_dense_prefix(freq), layers)
         require(

@@ -56,8 +56,9 @@ class Costs:
     FB: float
 
     def __post_init__(self):
-        if not (self.F >= 0 and self.B >= self.W >= 0):
-            raise ValueError(f"costs need F >= 0 and B >= W >= 0: got {self}")
+        if not (self.F > 0 and self.B >= self.W >= 0 and self.B > 0):
+            raise ValueError(f"costs need F > 0 and B >= W >= 0 with B > 0 (a stage that computes nothing has no bubble "
+                             f"to compare): got {self}. Fix: pass positive --F and --B")
         if not max(self.F, self.B) <= self.FB <= self.F + self.B:
             raise ValueError(
                 f"an overlapped forward and backward takes at least the longer of the two and at most both "

@@ -263,6 +263,11 @@ def test_what_the_cpu_path_cannot_run_stops_the_launch_naming_the_flag(monkeypat
     assert f"error: {message}" in capsys.readouterr().err
 
 
+def test_zero_layers_is_refused_naming_the_flag(monkeypatch, capsys):
+    assert _main(monkeypatch, [*TINY, "--num-layers", "0"]) == 2
+    assert "error: --num-layers=0: a model needs at least one layer. Fix: pass --num-layers >= 1." in capsys.readouterr().err
+
+
 NO_INTERVAL = "Fix: pass --eval-interval N (validate every N steps), or --eval-iters 0 for no validation."
 
 

@@ -200,12 +200,17 @@ def test_bench_prints_a_table_then_the_json(capsys):
     assert result["agree_where_formula_holds"] and result["activations_within_bound"]
 
 
-def test_bench_rejects_a_set_up_with_the_rule(capsys):
+@pytest.mark.parametrize("flags, rule", [
+    (["--pp", "4", "--microbatches", "5"], "even number of micro-batches"),
+    (["--microbatches", "0"], "microbatches=0: a step needs at least one micro-batch"),  # was: 4P, silently
+    (["--F", "0", "--B", "0", "--W", "0", "--FB", "0"], "costs need F > 0"),  # was: ZeroDivisionError
+])
+def test_bench_rejects_a_set_up_with_the_rule(capsys, flags, rule):
     parser = argparse.ArgumentParser()
     bench_pipeline.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["pipeline", "--pp", "4", "--microbatches", "5"])
+    args = parser.parse_args(["pipeline", *flags])
     assert args.main(args) == 2
-    assert "even number of micro-batches" in capsys.readouterr().err
+    assert rule in capsys.readouterr().err
 
 
 def _link_traffic(order, placement):
