@@ -32,7 +32,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+from megatron.core.transformer.moe.moe_logging import MoEMetricsTracker, set_moe_metrics_tracker
 from megatron.core.transformer.module import param_is_not_shared
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 from tqdm import tqdm
@@ -279,8 +279,10 @@ def train(args: TrainArgs) -> dict | None:
         (run_dir / "config.json").write_text(json.dumps(
             {"train": {k: str(v) for k, v in dataclasses.asdict(args).items()}, "model": resolved}, indent=2
         ))
-    MTPLossLoggingHelper.tracker.clear()  # process-global and sized by the first model that logs
-    clear_aux_losses_tracker()
+    # Process-global, and sized by the first model that logs (the MoE tracker's clear() keeps its
+    # entries): fresh ones, so that this run's model sizes them (train() may run more than once).
+    MTPLossLoggingHelper.tracker.clear()
+    set_moe_metrics_tracker(MoEMetricsTracker())
     bar = tqdm(range(first_step, args.steps + 1), desc=f"train {args.preset}", initial=first_step - 1, total=args.steps,
                disable=not (args.progress and is_logger), dynamic_ncols=True)
     timeline = None
