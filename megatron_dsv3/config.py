@@ -291,6 +291,14 @@ PRESETS["tiny-fp8"] = {
 }
 
 
+def preset_moe_layer_freq(name: str, num_layers: int) -> list[int]:
+    """Preset `name`'s first-k-dense pattern for `num_layers` layers: its dense prefix k (at most
+    num_layers), then MoE. What `preset(name, num_layers=...)` uses when `moe_layer_freq` is not
+    overridden, and the launch's `--num-layers` after `--dsv3-preset`."""
+    k = num_dense_prefix(PRESETS[name]["moe_layer_freq"])
+    return first_k_dense_freq(num_layers, min(k, num_layers))
+
+
 def preset(name: str, **overrides) -> DeepSeekV3Config:
     """The named preset with `overrides` applied, validated.
 
@@ -316,8 +324,7 @@ def preset(name: str, **overrides) -> DeepSeekV3Config:
             check_field_type(key, value)
     fields = {**PRESETS[name], **overrides, "preset_name": name}
     if "num_layers" in overrides and "moe_layer_freq" not in overrides:
-        k = num_dense_prefix(PRESETS[name]["moe_layer_freq"])
-        fields["moe_layer_freq"] = first_k_dense_freq(overrides["num_layers"], min(k, overrides["num_layers"]))
+        fields["moe_layer_freq"] = preset_moe_layer_freq(name, overrides["num_layers"])
     for constant, schedule_name in SCHEDULED_FIELDS.items():
         schedule = fields.get(schedule_name)
         if schedule is None:

@@ -21,9 +21,8 @@ from megatron_dsv3.config import (
     PRESETS,
     DeepSeekV3Config,
     StepSchedule,
-    first_k_dense_freq,
-    num_dense_prefix,
     preset,
+    preset_moe_layer_freq,
 )
 from megatron_dsv3.launch.errors import require
 
@@ -140,14 +139,6 @@ FP8_CHOICES = {
     "none": (None, ()),
     **{backend: (backend, TE_FP8_FLAGS if backend == "te" else ()) for backend in FP8_BLOCKWISE_BACKENDS},
 }
-
-
-def preset_moe_layer_freq(name: str, num_layers: int) -> list[int]:
-    """Preset `name`'s first-k-dense pattern for `num_layers` layers: what `config.preset(name,
-    num_layers=...)` gives when `moe_layer_freq` is not overridden (the preset's dense prefix k,
-    at most num_layers, then MoE)."""
-    k = num_dense_prefix(PRESETS[name]["moe_layer_freq"])
-    return first_k_dense_freq(num_layers, min(k, num_layers))
 
 
 def _positive_int(text: str | None) -> int | None:

@@ -31,6 +31,7 @@ the CPU path cannot run (`check_runs_on_cpu`: errors naming the flag), then appl
         `self.fp8 = fp8 is not None`, i.e. True, so its forward asks TE's
         `FP8GlobalStateManager`, which is not imported (NameError at the first recomputed
         layer). Without TE, `fp8` is set to what the caller asked for;
+  - `safe_load.install()`, so Megatron-LM's `--load` runs no code from the checkpoint;
   - on a machine without CUDA: the CPU layer for Megatron-LM's loop
     (`megatron_dsv3.cpu.enable_megatron_lm`, docs/cpu.md), and the process groups, which
     Megatron-LM builds only where `torch.cuda.device_count() > 0`: the same
