@@ -8,8 +8,15 @@ Megatron-Core 0.19 trains a GPTModel with MLA + MoE + MTP on CPU with exactly th
      copying tensors to the host; on CPU there is nothing to wait for);
   2. an RNG tracker that needs no CUDA generator (instead of `model_parallel_cuda_manual_seed`);
   3. an SDPA core attention for MLA (`megatron_dsv3.attention`, chosen by `megatron_dsv3.specs`);
-  4. the allgather token dispatcher (alltoall creates a CUDA stream in `__init__`).
-`enable()` applies 1 and 2 and checks 3 and 4 against the config. It is opt-in, idempotent,
+  4. `torch.cuda.Stream()` / `torch.cuda.stream(s)`: a stream whose waits do nothing and a
+     context that does nothing. The alltoall token dispatcher (expert parallelism) makes a
+     side stream in `__init__` for its device-to-host copies of the split sizes, and Megatron-LM's
+     `get_model` builds DDP inside one; on CPU the copies are synchronous. gloo runs the
+     dispatcher's uneven `all_to_all_single` on CPU tensors as it is, given its split sizes as
+     NumPy arrays: `maybe_move_tensor_to_cpu(..., as_numpy=True)` converts only tensors it
+     moves off a GPU, and `all_to_all_single` refuses a tensor of sizes, so on CPU the
+     dispatcher's copy of it converts host tensors too.
+`enable()` applies 1, 2 and 4 and checks 3 against the config. It is opt-in, idempotent,
 and does nothing on a machine with a GPU.
 
 Megatron-LM's training loop (`megatron.training.pretrain`, examples/pretrain_dsv3.py) needs
@@ -17,8 +24,7 @@ more, measured with megatron-core 0.19.2 (its wheel ships `megatron.training`):
 `enable_megatron_lm()` adds them, each for a named caller (docs/cpu.md lists the call sites):
   5. `initialize_megatron(allow_no_cuda=True)`: Megatron-LM's own switch for a run without
      CUDA (`pretrain` does not pass it);
-  6. `torch.cuda.Stream()` / `torch.cuda.stream(s)`: `get_model` builds DDP inside a side
-     stream; on CPU a stream whose waits do nothing and a context that does nothing;
+  6. (moved to item 4, which `enable()` applies: the alltoall dispatcher needs it too);
   7. `torch.cuda.get_rng_state` / `set_rng_state` (and the same two of `torch.cuda.random`):
      the rerun state machine saves and restores the CUDA generator around every step, and
      selective recompute (`CheckpointWithoutOutput`, `--recompute-modules`) around each
@@ -40,6 +46,7 @@ import functools
 
 import torch
 from megatron.core import tensor_parallel
+from megatron.core.transformer.moe import token_dispatcher
 from torch.overrides import TorchFunctionMode
 
 from megatron_dsv3.config import DeepSeekV3Config, check_runs_on_cpu
@@ -48,8 +55,22 @@ _enabled = False
 _megatron_lm_enabled = False
 
 
+class _HostEvent:
+    """An event of a host stream: what it marks has already happened."""
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
 class _HostStream:
-    """What Megatron asks of `torch.cuda.current_stream()` on a CPU run: work is synchronous."""
+    """What Megatron asks of `torch.cuda.current_stream()` and of a side stream on a CPU run:
+    work is synchronous, so every wait returns at once and every event has completed."""
+
+    def record_event(self, event=None) -> _HostEvent:
+        return _HostEvent()
 
     def wait_event(self, event) -> None:
         pass
@@ -64,11 +85,16 @@ class _HostStream:
 _HOST_STREAM = _HostStream()
 
 
+def _split_sizes_to_numpy(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """Item 4: Megatron's `maybe_move_tensor_to_cpu` for tensors already on the host."""
+    return tensor.numpy() if as_numpy and torch.is_tensor(tensor) else tensor
+
+
 def enable(config: DeepSeekV3Config | None = None) -> bool:
     """Make Megatron-Core run on CPU; returns True when the layer is active.
 
-    With `config`, first rejects what cannot run on CPU (TE modules, the alltoall or flex
-    dispatcher, bf16, a fused router) with the field and the fix.
+    With `config`, first rejects what cannot run on CPU (TE modules, the flex dispatcher,
+    bf16, a fused router) with the field and the fix.
     """
     global _enabled
     if torch.cuda.is_available():
@@ -79,6 +105,9 @@ def enable(config: DeepSeekV3Config | None = None) -> bool:
         torch.cuda.current_device = lambda: torch.device("cpu")
         torch.cuda.current_stream = lambda device=None: _HOST_STREAM
         torch.cuda.synchronize = lambda device=None: None
+        torch.cuda.Stream = lambda *args, **kwargs: _HOST_STREAM
+        torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
+        token_dispatcher.maybe_move_tensor_to_cpu = _split_sizes_to_numpy
         tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
         _enabled = True
     return True
@@ -111,6 +140,13 @@ class _CudaOnCpu(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def cuda_on_cpu():
+    """Item 8 for one call: within it, what Megatron asks for on "cuda" is made on the CPU (the
+    compact loop calls Megatron's clip_grads this way). A context that does nothing on a
+    machine with a GPU."""
+    return contextlib.nullcontext() if torch.cuda.is_available() else _CudaOnCpu()
+
+
 def enable_megatron_lm() -> bool:
     """`enable()`, then what Megatron-LM's training loop needs on CPU (module note, items 5-9).
     Returns True when active; a no-op on a machine with a GPU. Idempotent. The torch function
@@ -122,8 +158,6 @@ def enable_megatron_lm() -> bool:
         import megatron.training.training as megatron_lm_training
 
         megatron_lm_training.initialize_megatron = functools.partial(megatron_lm_training.initialize_megatron, allow_no_cuda=True)
-        torch.cuda.Stream = lambda *args, **kwargs: _HOST_STREAM
-        torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
         for module in (torch.cuda, torch.cuda.random):  # the rerun state machine reads one, recompute the other
             module.get_rng_state = lambda device="cuda": torch.get_rng_state()
             module.set_rng_state = lambda new_state, device="cuda": None

@@ -23,10 +23,11 @@ Each layer here is built with its global number instead (`_StageTransformerLayer
 single-process model.
 
 Initialisation. By default it equals the single-process model's: on every rank, with the
-caller's RNG state, the builder first builds the whole single-process model (`specs.gpt_model`
-with Megatron's pipeline rank/size read as 0/1 while it is built), then copies each chunk's
-parameters and buffers from it by name (`decoder.layers.{i}` -> `decoder.layers.{offset+i}`),
-and drops it; the RNG is left as building the single-process model leaves it. Seed every
+caller's RNG state, the builder builds the whole single-process model (`single_process_model`:
+Megatron's pipeline rank/size read as 0/1 while it is built, and an expert-parallel group of
+one), then copies each chunk's parameters and buffers from it by name (`decoder.layers.{i}` ->
+`decoder.layers.{offset+i}`; with expert parallelism, a rank's `experts.local_experts.{j}` ->
+`experts.local_experts.{ep_rank * local_experts + j}`), and drops it; the RNG is left as building the single-process model leaves it. Seed every
 rank as the single-process run is seeded before calling. That needs the whole model in one
 rank's memory: for models that do not fit (671B), pass `init_as_single_process=False` and
 each chunk keeps the initialisation Megatron gives it (Megatron-LM's seeding), or load a
@@ -198,13 +199,46 @@ def _stage_chunk(config, full_block: TransformerBlockSubmodules, stage: int, num
     )
 
 
-def full_model_name(chunk_name: str, layer_offset: int) -> str:
+def full_model_name(chunk_name: str, layer_offset: int, expert_offset: int = 0) -> str:
     """The single-process model's name for a chunk's parameter or buffer: decoder layers are
-    numbered from the stage's first layer (`layer_offset`), everything else keeps its name."""
-    return re.sub(r"^decoder\.layers\.(\d+)\.", lambda m: f"decoder.layers.{int(m.group(1)) + layer_offset}.", chunk_name)
+    numbered from the stage's first layer (`layer_offset`), a rank's local experts from its
+    first expert (`expert_offset`: expert-parallel rank x local experts), everything else keeps
+    its name."""
+    name = re.sub(r"^decoder\.layers\.(\d+)\.", lambda m: f"decoder.layers.{int(m.group(1)) + layer_offset}.", chunk_name)
+    return re.sub(r"\.experts\.local_experts\.(\d+)\.", lambda m: f".experts.local_experts.{int(m.group(1)) + expert_offset}.", name)
 
 
-def _copy_from_full(chunk: GPTModel, full: GPTModel, layer_offset: int) -> None:
+def expert_offset(config) -> int:
+    """The single-process index of this rank's first local expert (0 without expert parallelism)."""
+    if not config.num_moe_experts or config.expert_model_parallel_size == 1:
+        return 0
+    return parallel_state.get_expert_model_parallel_rank() * (config.num_moe_experts // config.expert_model_parallel_size)
+
+
+def single_process_model(config) -> GPTModel:
+    """The whole single-process model of `config`, built on this rank with the caller's RNG: all
+    layers (pipeline rank / size read as 0 / 1), MTP included, and all experts (an expert-parallel
+    group of one: Megatron's MoE layer sizes its experts by the group it is given)."""
+    single = dataclasses.replace(config, pipeline_model_parallel_size=1, expert_model_parallel_size=1)
+    groups = ProcessGroupCollection.use_mpu_process_groups()
+    groups.ep = None  # Megatron's get_pg_size(None) is 1
+    with _AsSingleProcess():
+        return specs.gpt_model(single, pg_collection=groups)
+
+
+def copy_single_process_init(chunks: list[GPTModel], config, layer_offsets: list[int], rng_state: torch.Tensor) -> None:
+    """Give `chunks` the initialisation of the single-process model (module note): build it from
+    `rng_state` (the RNG state before the chunks were built, as the single-process run starts),
+    copy each chunk's tensors from it, and leave the RNG as building it left it."""
+    torch.set_rng_state(rng_state)
+    full = single_process_model(config)
+    rng_after_full_model = torch.get_rng_state()
+    for chunk, layer_offset in zip(chunks, layer_offsets):
+        _copy_from_full(chunk, full, layer_offset, expert_offset(config))
+    torch.set_rng_state(rng_after_full_model)
+
+
+def _copy_from_full(chunk: GPTModel, full: GPTModel, layer_offset: int, expert_offset: int) -> None:
     """Copy every parameter and buffer of `chunk` from the same tensor of the full model."""
     source = dict(full.named_parameters())
     source.update(full.named_buffers())
@@ -212,7 +246,7 @@ def _copy_from_full(chunk: GPTModel, full: GPTModel, layer_offset: int) -> None:
     targets.update(chunk.named_buffers())
     with torch.no_grad():
         for name, tensor in targets.items():
-            full_name = full_model_name(name, layer_offset)
+            full_name = full_model_name(name, layer_offset, expert_offset)
             if full_name not in source or source[full_name].shape != tensor.shape:
                 raise ValueError(f"chunk tensor {name!r} has no counterpart {full_name!r} of shape {tuple(tensor.shape)} in the full model")
             tensor.copy_(source[full_name])
@@ -276,11 +310,9 @@ def _two_chunks(config, pp_rank: int, pp_size: int, stage_map: schedule.StageMap
         )
     layers = [stage_layers(config.num_layers, num_stages, stage, layers_per_stage) for stage in stages]
 
-    single = dataclasses.replace(config, pipeline_model_parallel_size=1)
+    rng_before_chunks = torch.get_rng_state()
     with _AsSingleProcess():
-        full = specs.gpt_model(single) if init_as_single_process else None
-        full_block = specs.decoder_block_spec(single)
-    rng_after_full_model = torch.get_rng_state()  # the single-process run's state after building
+        full_block = specs.decoder_block_spec(dataclasses.replace(config, pipeline_model_parallel_size=1))
 
     chunks = [_stage_chunk(config, full_block, stage, num_stages, stage_range) for stage, stage_range in zip(stages, layers)]
     if set(stages) == {0, num_stages - 1}:  # first and last stage here: the head shares the embedding
@@ -293,10 +325,8 @@ def _two_chunks(config, pp_rank: int, pp_size: int, stage_map: schedule.StageMap
             object.__setattr__(last, "embedding", first.embedding)
             # Used twice on one rank, as in the single-process model (Megatron marks it there).
             first.embedding.word_embeddings.weight.zero_out_wgrad = True
-    for chunk, stage_range in zip(chunks, layers):
+    for chunk in chunks:
         specs.use_fp8_linears(chunk, config)  # as specs.gpt_model does for the whole model
-        if full is not None:
-            _copy_from_full(chunk, full, stage_range.start)
-    if full is not None:
-        torch.set_rng_state(rng_after_full_model)
+    if init_as_single_process:
+        copy_single_process_init(chunks, config, [stage_range.start for stage_range in layers], rng_before_chunks)
     return chunks

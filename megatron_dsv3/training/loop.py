@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32, get_grad_norm_fp32
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.moe.moe_logging import MoEMetricsTracker, set_moe_metrics_tracker
 from megatron.core.transformer.module import param_is_not_shared
@@ -87,6 +88,10 @@ class TrainArgs:
                                      "chunks per rank (report §3.2.1)",
                                      registry.DEFAULT, choices=registry.RUNNABLE)
     pipeline_size: int = _option("ranks per pipeline (the rest are data parallel)", 1, flag="--pp")
+    expert_parallel_size: int = _option(
+        "ranks that split every MoE layer's experts (expert parallelism, report §3.2.2), taken from the data-parallel "
+        "ranks: each holds num_moe_experts / EP experts, and tokens reach them through the alltoall dispatcher", 1,
+        flag="--ep")
     layers_per_stage: list[int] | None = _option("uneven pipeline layout, one layer count per stage, e.g. '[1,2,2,1]'", None)
     save_interval: int = _option("write a checkpoint to RUN_DIR/checkpoints every N steps (0: never)", 0)
     resume: bool = _option("continue from RUN_DIR/checkpoints/latest", False)
@@ -97,7 +102,7 @@ class TrainArgs:
     ema_decay: float | None = _option("keep an EMA of the parameters in CPU memory (report §3.2.3)", None)
 
     def __post_init__(self):
-        for name in ("steps", "micro_batch_size", "num_microbatches", "pipeline_size"):
+        for name in ("steps", "micro_batch_size", "num_microbatches", "pipeline_size", "expert_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be at least 1. Fix: pass a positive value.")
         schedule = registry.get(self.pipeline_schedule, runnable=True)
@@ -142,16 +147,24 @@ def decay_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict
     ]
 
 
-def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float, group, norm_params=None) -> float:
-    """Total L2 norm of `norm_params` (default: `params`; disjoint across `group`'s ranks, so
-    each parameter counts once) over `group`, then scale every gradient of `params` to max_norm."""
-    norm_grads = [p.grad for p in (params if norm_params is None else norm_params) if p.grad is not None]
-    squares = torch.stack([g.detach().float().pow(2).sum() for g in norm_grads]).sum()
-    torch.distributed.all_reduce(squares, group=group)
-    total = float(squares.sqrt())
-    if total > max_norm:
-        for g in (p.grad for p in params if p.grad is not None):
-            g.mul_(max_norm / (total + 1e-6))
+def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float, norm_params=None) -> float:
+    """Clip every gradient of `params` to a total L2 norm of `max_norm`; returns the norm before.
+
+    Megatron's `get_grad_norm_fp32` and `clip_grad_by_total_norm_fp32` (optimizer/clip_grads.py),
+    grouped as its ChainedOptimizer groups them for a model with experts: the norm of the dense
+    gradients over the model-parallel group (each pipeline stage's once; data-parallel copies are
+    equal), that of the expert gradients over the expert x pipeline group (each rank holds other
+    experts), and the total their root sum of squares. `norm_params` (default: `params`) are the
+    parameters counted: DualPipe's mirrored stage once (pipeline/layout.py marks it `shared`)."""
+    counted = [p for p in (params if norm_params is None else norm_params) if p.grad is not None]
+    dense = [p.grad for p in counted if getattr(p, "allreduce", True)]  # Megatron marks experts allreduce=False
+    experts = [p.grad for p in counted if not getattr(p, "allreduce", True)]
+    with cpu.cuda_on_cpu():  # clip_grads makes its sums on "cuda" and asserts CUDA gradients
+        squares = float(get_grad_norm_fp32(dense, grad_stats_parallel_group=parallel_state.get_model_parallel_group())) ** 2
+        squares += float(get_grad_norm_fp32(
+            experts, grad_stats_parallel_group=parallel_state.get_expert_tensor_model_pipeline_parallel_group())) ** 2
+        total = math.sqrt(squares)
+        clip_grad_by_total_norm_fp32(params, max_norm, total)
     return total
 
 
@@ -161,9 +174,14 @@ def infinite(loader):
 
 
 def build_model_chunks(config, args: TrainArgs) -> list[torch.nn.Module]:
-    """This rank's model chunks, unwrapped: the whole model, or the schedule's two chunks."""
+    """This rank's model chunks, unwrapped: the whole model, or the schedule's two chunks. Both
+    start as the single-process model does (pipeline/layout.py), expert parallelism included."""
     if not args.pipelined:
-        return [gpt_model(config)]
+        rng_before_model = torch.get_rng_state()
+        model = gpt_model(config)
+        if config.expert_model_parallel_size > 1:
+            layout.copy_single_process_init([model], config, [0], rng_before_model)
+        return [model]
     return args.schedule.build_chunks(config, parallel_state.get_pipeline_model_parallel_rank(), args.pipeline_size, args.layers_per_stage)
 
 
@@ -172,6 +190,8 @@ def _model_config(args: TrainArgs):
     overrides = dict(args.overrides)
     if args.pipeline_size > 1:
         overrides.update(pipeline_model_parallel_size=args.pipeline_size, pipeline_dtype=torch.float32)
+    if args.expert_parallel_size > 1:
+        overrides.update(expert_model_parallel_size=args.expert_parallel_size)
     config = preset(args.preset, **overrides)
     if config.bf16 or config.fp16 or config.params_dtype != torch.float32:
         raise ConfigError(
@@ -191,10 +211,22 @@ def _model_config(args: TrainArgs):
             f"pipeline_model_parallel_size={config.pipeline_model_parallel_size} in the overrides, pipeline_size="
             f"{args.pipeline_size}. Fix: set the pipeline size with --pp only."
         )
-    for name in ("tensor_model_parallel_size", "expert_model_parallel_size", "context_parallel_size"):
+    if config.expert_model_parallel_size != args.expert_parallel_size:
+        raise ValueError(
+            f"expert_model_parallel_size={config.expert_model_parallel_size} in the overrides, expert_parallel_size="
+            f"{args.expert_parallel_size}. Fix: set the expert-parallel size with --ep only."
+        )
+    if args.expert_parallel_size > 1 and config.moe_token_dispatcher_type != "alltoall":
+        raise ConfigError(
+            "moe_token_dispatcher_type", config.moe_token_dispatcher_type,
+            f"expert_parallel_size={args.expert_parallel_size}: the compact loop sends tokens to other ranks' experts "
+            "with Megatron's alltoall dispatcher",
+            "pass --set moe_token_dispatcher_type='\"alltoall\"'",
+        )
+    for name in ("tensor_model_parallel_size", "context_parallel_size"):
         if getattr(config, name) != 1:
             raise ValueError(
-                f"{name}={getattr(config, name)}: the compact loop runs data and pipeline parallelism only. "
+                f"{name}={getattr(config, name)}: the compact loop runs data, pipeline and expert parallelism only. "
                 f"Fix: set {name}=1, or launch examples/pretrain_dsv3.py through Megatron-LM."
             )
     if args.pipelined:
@@ -212,7 +244,7 @@ def _run_settings(args: TrainArgs, config, dp_size: int) -> dict:
         "preset": args.preset, "overrides": dict(sorted(args.overrides.items())),
         "micro_batch_size": args.micro_batch_size, "num_microbatches": args.num_microbatches,
         "data_parallel_size": dp_size, "pipeline_schedule": args.pipeline_schedule, "pipeline_size": args.pipeline_size,
-        "layers_per_stage": args.layers_per_stage,
+        "expert_parallel_size": args.expert_parallel_size, "layers_per_stage": args.layers_per_stage,
         "seq_length": config.seq_length, "steps": args.steps, "seed": args.seed, "corpus_bytes": args.corpus_bytes,
         "lr": args.lr, "min_lr": args.min_lr, "warmup_steps": args.warmup_steps, "weight_decay": args.weight_decay,
         "adam_betas": tuple(args.adam_betas), "clip_grad": args.clip_grad, "bf16_moments": args.bf16_moments,
@@ -254,7 +286,8 @@ def train(args: TrainArgs) -> dict | None:
     checkpoints = run_dir / "checkpoints"
     _check_run_dir(run_dir, args)
     init_distributed(args.pipeline_size, get_embedding_ranks=args.schedule.get_embedding_ranks,
-                     timeout=datetime.timedelta(minutes=args.distributed_timeout_minutes))
+                     timeout=datetime.timedelta(minutes=args.distributed_timeout_minutes),
+                     expert_model_parallel_size=args.expert_parallel_size)
     cpu.enable(config)
     seed_everything(args.seed)
     is_logger = torch.distributed.get_rank() == 0
@@ -380,7 +413,7 @@ def _train_step(run: _Run, args: TrainArgs, data_iterator, timeline: TimelineRec
     )
     for p in run.params:  # Megatron DDP accumulates into main_grad
         p.grad = p.main_grad
-    grad_norm = clip_grad_norm_(run.params, args.clip_grad, parallel_state.get_model_parallel_group(), run.norm_params)
+    grad_norm = clip_grad_norm_(run.params, args.clip_grad, run.norm_params)
     if not math.isfinite(grad_norm):
         raise FloatingPointError(
             f"step {step}: the gradient norm is {grad_norm}; {_first_non_finite_gradient(run.chunks)}. The run stops "

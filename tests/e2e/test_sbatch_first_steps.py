@@ -35,7 +35,7 @@ def _size(data_parallel: int, fp8: bool) -> dict[str, list[str]]:
         "--dsv3-preset": ["tiny-fp8" if fp8 else "tiny"],
         "--pipeline-model-parallel-size": [str(PROCESSES)],
         "--decoder-first-pipeline-num-layers": ["2"], "--decoder-last-pipeline-num-layers": ["3"],
-        "--expert-model-parallel-size": ["1"],  # the allgather dispatcher of the CPU path: experts on every rank
+        "--expert-model-parallel-size": ["1"],  # one pipeline of 2 processes: no data-parallel ranks to split the experts over
         "--micro-batch-size": ["1"], "--global-batch-size": [str(samples)],
         "--train-iters": ["2"], "--lr-warmup-iters": ["1"],
         "--train-samples": [str(2 * samples)], "--lr-warmup-samples": [str(samples // 2)],
@@ -48,7 +48,7 @@ def _size(data_parallel: int, fp8: bool) -> dict[str, list[str]]:
 ON_CPU = {
     "--bf16": (None, "the CPU path trains in FP32"),
     "--dsv3-fp8": (["emulate"], "TE's blockwise recipe needs a Hopper GPU; the emulated FP8 Linear quantises the same tiles"),
-    "--moe-token-dispatcher-type": (["allgather"], "the alltoall and flex dispatchers create CUDA streams"),
+    "--moe-token-dispatcher-type": (["alltoall"], "the flex dispatcher runs DeepEP's CUDA kernels"),
     "--moe-flex-dispatcher-backend": (None, "DeepEP's kernels (flex dispatcher only)"),
     "--moe-flex-dispatcher-num-sms": (None, "DeepEP's kernels (flex dispatcher only)"),
     "--moe-grouped-gemm": (None, "the local experts are one MLP each (TE's grouped GEMM)"),

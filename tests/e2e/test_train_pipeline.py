@@ -4,12 +4,12 @@ processes against the single-process run, and checkpoints that survive a kill.
 Same model, data and seed (tests/e2e/compact_loop.py); the reference is the one-process
 loop (tests/e2e/conftest.py runs it, and the 2-process DualPipeV run, once per session).
   - Loss curves: per step, the LM and MTP losses and every layer's tokens per expert of the
-    pipelined runs (2 and 4 processes, and 2 data-parallel replicas of a 2-rank pipeline)
-    equal the reference's. Bit-identity holds for the first step of one replica; later,
+    pipelined runs (2 and 4 processes, and 2 data-parallel replicas of a 2-rank pipeline that
+    split the experts, EP=2) equal the reference's. Bit-identity holds for the first step of one replica; later,
     gradients that sum in another order (the embedding's, used by two chunks; the norm summed
     over ranks) can move the weights by an ulp, so losses are compared at 1e-6 relative.
-  - DualPipe on 2 processes: the same loss curve, and a resume from a checkpoint of its
-    mirrored stages that reproduces its records exactly.
+  - DualPipe PP=2 x EP=2 on 4 processes: the same loss curve, and a resume from a checkpoint
+    of its mirrored stages and split experts that reproduces its records exactly.
   - Resume: a 2-process DualPipeV run saving every 2 steps is killed (SIGKILL, rank 0) right
     after its second save has written all its data but before it is committed. The step-2
     checkpoint must still be the latest, the killed one left as `.incomplete`; resuming
@@ -28,13 +28,15 @@ pytestmark = pytest.mark.slow
 KILL_DURING_SAVE = Path(__file__).with_name("kill_during_save.py")
 
 
-# (processes, pipeline size): PP 2, PP 4, and DP 2 x PP 2 (each replica 4 of the 8 micro-batches)
+# (processes, pipeline size): PP 2, PP 4, and DP 2 x PP 2 with EP 2 (each replica 4 of the 8
+# micro-batches, and half of every MoE layer's experts)
 @pytest.mark.parametrize("processes, pp", [(2, 2), (4, 4), (4, 2)])
 def test_dualpipev_loss_curve_matches_single_process(compact_runs, processes, pp):
-    run_dir = compact_runs / f"pp{pp}" if processes == pp else compact_runs / f"dp{processes // pp}pp{pp}"
+    run_dir = compact_runs / f"pp{pp}" if processes == pp else compact_runs / f"dp{processes // pp}pp{pp}ep2"
     if (processes, pp) != (2, 2):
         microbatches = str(8 * pp // processes)  # the same global batch
-        _run(run_dir, processes, "--pipeline-schedule", "dualpipev", "--pp", str(pp), "--num-microbatches", microbatches)
+        experts = ("--ep", "2") if processes > pp else ()
+        _run(run_dir, processes, "--pipeline-schedule", "dualpipev", "--pp", str(pp), "--num-microbatches", microbatches, *experts)
     reference, pipelined = _records(compact_runs / "single"), _records(run_dir)
     assert [r["step"] for r in pipelined] == list(range(1, STEPS + 1))
     identical = 0
@@ -74,16 +76,17 @@ def test_resume_rejects_a_different_batch_shape(compact_runs):
 
 
 def test_dualpipe_trains_like_the_single_process_and_resumes_bit_identically(compact_runs, tmp_path):
-    """DualPipe's mirrored stages through the loop: the loss curve of the single process (the
-    mirrors' gradients are summed, counted once in the norm), and checkpoints that write each
-    stage once and read it into both copies."""
+    """DualPipe's mirrored stages through the loop, with EP=2 over its 2 data-parallel
+    replicas: the loss curve of the single process (the mirrors' gradients are summed, counted
+    once in the norm), and checkpoints that write each stage once and read it into both copies,
+    each rank's experts by their global index."""
     run_dir = tmp_path / "dualpipe"
-    pipeline = ("--pipeline-schedule", "dualpipe", "--pp", "2", "--save-interval", "2")
-    _run(run_dir, 2, *pipeline)
+    pipeline = ("--pipeline-schedule", "dualpipe", "--pp", "2", "--ep", "2", "--num-microbatches", "4", "--save-interval", "2")
+    _run(run_dir, 4, *pipeline)
     uninterrupted = _records(run_dir)
     for want, got in zip(_records(compact_runs / "single"), uninterrupted):
         for key in ("lm_loss", "mtp_loss"):
             assert got[key] == pytest.approx(want[key], rel=1e-6), (got["step"], key)
     (run_dir / "checkpoints" / "latest").write_text("2")  # as if the run had stopped after step 2
-    _run(run_dir, 2, *pipeline, "--resume")
+    _run(run_dir, 4, *pipeline, "--resume")
     assert _records(run_dir) == uninterrupted

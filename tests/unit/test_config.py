@@ -147,8 +147,8 @@ def test_unknown_preset_and_unknown_field_are_named():
 
 
 def test_cpu_rejects_cuda_only_choices_before_building():
-    with pytest.raises(ConfigError, match="moe_token_dispatcher_type='alltoall'.*allgather"):
-        check_runs_on_cpu(preset("tiny", moe_token_dispatcher_type="alltoall"))
+    with pytest.raises(ConfigError, match="moe_token_dispatcher_type='flex'.*DeepEP.*'alltoall'"):
+        check_runs_on_cpu(preset("tiny", moe_token_dispatcher_type="flex"))
     with pytest.raises(ConfigError, match="transformer_impl='transformer_engine'"):
         check_runs_on_cpu(preset("tiny", transformer_impl="transformer_engine"))
     check_runs_on_cpu(preset("tiny"))

@@ -246,8 +246,8 @@ WITHOUT_CUDA = "on a machine without CUDA, "
     "extra, message",
     [
         (["--distributed-backend", "nccl"], "--distributed-backend=nccl on a machine without CUDA. Fix: pass --distributed-backend gloo."),
-        (["--moe-token-dispatcher-type", "alltoall"],
-         f"{WITHOUT_CUDA}--moe-token-dispatcher-type: moe_token_dispatcher_type='alltoall': the alltoall and flex dispatchers"),
+        (["--moe-token-dispatcher-type", "flex"],
+         f"{WITHOUT_CUDA}--moe-token-dispatcher-type: moe_token_dispatcher_type='flex': the flex dispatcher runs DeepEP's"),
         (["--transformer-impl", "transformer_engine"], f"{WITHOUT_CUDA}--transformer-impl: transformer_impl='transformer_engine'"),
         (["--bf16"], f"{WITHOUT_CUDA}--bf16: bf16=True: the CPU path trains in fp32"),
         (["--dsv3-preset", "tiny-fp8", "--dsv3-fp8", "scaled_mm"], f"{WITHOUT_CUDA}--dsv3-fp8: fp8_blockwise='scaled_mm'"),

@@ -53,8 +53,8 @@ def test_te_backend_without_te_says_how_to_fix_it():
 def test_cpu_layer_is_idempotent_and_checks_the_config():
     assert cpu.enable() and cpu.enable()
     assert torch.cuda.current_device() == torch.device("cpu")
-    with pytest.raises(ConfigError, match="alltoall"):
-        cpu.enable(preset("tiny", moe_token_dispatcher_type="alltoall"))
+    with pytest.raises(ConfigError, match="flex"):
+        cpu.enable(preset("tiny", moe_token_dispatcher_type="flex"))
     with pytest.raises(ConfigError, match="transformer_engine"):
         cpu.enable(preset("tiny", transformer_impl="transformer_engine"))
 
@@ -62,7 +62,7 @@ def test_cpu_layer_is_idempotent_and_checks_the_config():
 def test_cpu_layer_is_a_no_op_where_cuda_exists(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     patched = torch.cuda.current_device
-    assert cpu.enable(preset("tiny", moe_token_dispatcher_type="alltoall")) is False  # no CPU checks either
+    assert cpu.enable(preset("tiny", moe_token_dispatcher_type="flex")) is False  # no CPU checks either
     assert torch.cuda.current_device is patched
 
 
