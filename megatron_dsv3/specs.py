@@ -2,8 +2,11 @@
 
 Both backends start from Megatron's own `get_gpt_decoder_layer_specs` (first-k dense layers
 from `moe_layer_freq`, MLA with the q/kv latent RMSNorms when `qk_layernorm`, shared experts)
-and change two things:
+and change three things:
   - the router becomes `routing.LoadRecordingRouter` (upstream TopKRouter + load statistics);
+  - the MoE layer becomes `overlap.dispatch.ExpertParallelMoELayer` (upstream MoELayer whose
+    alltoall dispatcher sends a dispatch and a combine as one all-to-all each, asynchronously,
+    the dispatch in FP8 with fp8_blockwise; the FB overlap's hand-over points);
   - on "local", MLA's core attention becomes `attention.MLASDPAttention`, because the local
     `DotProductAttention` rejects MLA's `k_channels`/`v_channels` (docs/architecture.md).
 
@@ -33,6 +36,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_mlp_module_spec,
 )
 from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
@@ -45,6 +49,7 @@ from megatron.core.utils import get_pg_rank
 
 from megatron_dsv3.attention import MLASDPAttention
 from megatron_dsv3.config import moe_layer_pattern
+from megatron_dsv3.overlap.dispatch import ExpertParallelMoELayer
 from megatron_dsv3.routing import LoadRecordingRouter
 
 BACKENDS = {"local": "local", "te": "transformer_engine"}
@@ -92,8 +97,9 @@ def _replace_modules(spec, table: dict[type, type]):
 
 
 def _with_our_modules(layer_spec: ModuleSpec, backend: str) -> ModuleSpec:
-    """An upstream layer spec with our router and, on the local backend, our MLA attention."""
-    table = {TopKRouter: LoadRecordingRouter}
+    """An upstream layer spec with our router, our MoE layer (one all-to-all per dispatch and
+    per combine, FP8 dispatch: overlap/dispatch.py) and, on the local backend, our MLA attention."""
+    table = {TopKRouter: LoadRecordingRouter, MoELayer: ExpertParallelMoELayer}
     if backend == "local":
         table[DotProductAttention] = MLASDPAttention
     return _replace_modules(layer_spec, table)

@@ -3,7 +3,8 @@
 Every tensor exchanged is one stage boundary of one micro-batch: shape
 (sequence, micro-batch, hidden), known to both sides, so nothing but the data travels.
 Sends are non-blocking (`isend`, kept until done); receives block until the data is there,
-so a rank waits only for what its next action needs.
+so a rank waits only for what its next action needs. Both go through overlap/link.py, which
+counts the time blocked and, with an emulated link, delays the data as the link would.
 
 Between two neighbours, each direction carries two streams: activations of one chunk and
 gradients of the other (e.g. rank r sends rank r+1 its chunk 0 outputs and its chunk 1
@@ -31,6 +32,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+from megatron_dsv3.overlap import link
 
 ACTIVATION = 0
 GRADIENT = 1
@@ -64,7 +67,7 @@ class NeighbourP2P:
         self.device = device
         self._global_ranks = dist.get_process_group_ranks(group)
         self._streams = stream_groups(group, device)
-        self._in_flight: list[tuple[dist.Work, torch.Tensor]] = []
+        self._in_flight: list[link.Transfer] = []
 
     def send(self, tensor: torch.Tensor, to_rank: int, stream: int) -> None:
         if tuple(tensor.shape) != self.shape or tensor.dtype != self.dtype:
@@ -72,15 +75,14 @@ class NeighbourP2P:
                 f"sending a {tuple(tensor.shape)} {tensor.dtype} tensor to pipeline rank {to_rank}; the boundary is "
                 f"{self.shape} {self.dtype}. Fix: seq_length / micro_batch_size / config.pipeline_dtype must match the data."
             )
-        payload = tensor.detach().contiguous()
-        work = dist.isend(payload, dst=self._global_ranks[to_rank], group=self._streams[stream])
-        self._in_flight = [(w, t) for w, t in self._in_flight if not w.is_completed()]
-        self._in_flight.append((work, payload))  # the payload must live until sent
+        transfer = link.isend(tensor.detach().contiguous(), dst=self._global_ranks[to_rank], group=self._streams[stream])
+        self._in_flight = [t for t in self._in_flight if not t.is_completed()]
+        self._in_flight.append(transfer)  # it holds the payload until sent
 
     def recv(self, from_rank: int, stream: int) -> torch.Tensor:
         tensor = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         try:
-            dist.recv(tensor, src=self._global_ranks[from_rank], group=self._streams[stream])
+            link.recv(tensor, src=self._global_ranks[from_rank], group=self._streams[stream])
         except RuntimeError as error:  # torch's DistBackendError is one
             raise RuntimeError(
                 f"pipeline rank {self.group.rank()}: receiving {_STREAMS[stream]} from pipeline rank {from_rank} failed: "
@@ -92,6 +94,6 @@ class NeighbourP2P:
         return tensor
 
     def wait_all(self) -> None:
-        for work, _ in self._in_flight:
-            work.wait()
+        for transfer in self._in_flight:
+            transfer.wait()
         self._in_flight = []

@@ -5,11 +5,13 @@
 - A resume with another model (a --set override) or another optimizer setting is refused
   before anything is loaded, naming the setting and both values.
 - A non-finite gradient norm stops the run at its step, naming the first such gradient.
-- A peer that is alive but stopped ends the job after --distributed-timeout-minutes.
+- A peer that is alive but stopped ends the job after --distributed-timeout-minutes: between
+  pipeline steps, and inside an expert-parallel all-to-all.
 - A save that runs out of space says so, keeps the previous checkpoint and leaves no partial one.
 The runs are in this process (tests/conftest.py's process group), except the stopped peer's.
 """
 
+import contextlib
 import shutil
 import signal
 import subprocess
@@ -78,6 +80,15 @@ def test_a_non_finite_gradient_stops_the_run_naming_the_step(tmp_path):
 TIMEOUT_MINUTES, BOUND_S = 0.2, 60  # 12 s
 
 
+def _workers(job: subprocess.Popen) -> dict[str, psutil.Process]:
+    """torchrun's worker processes by RANK; a child that ends while being listed is skipped."""
+    workers = {}
+    for process in psutil.Process(job.pid).children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            workers[process.environ().get("RANK")] = process
+    return workers
+
+
 def test_a_stopped_peer_ends_the_job_after_the_timeout(tmp_path):
     """DualPipeV on 2 processes; once step 1 is logged, rank 1 is stopped (SIGSTOP: alive, sockets
     open, answering nothing). Rank 0 must fail on the timeout within the bound (torchrun then
@@ -94,7 +105,7 @@ def test_a_stopped_peer_ends_the_job_after_the_timeout(tmp_path):
         while not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text():
             assert job.poll() is None and time.monotonic() < deadline, "the job ended before its first step"
             time.sleep(0.2)
-        workers = {w.environ().get("RANK"): w for w in psutil.Process(job.pid).children(recursive=True)}
+        workers = _workers(job)
         stopped, failing = workers["1"], workers["0"]
         stopped.send_signal(signal.SIGSTOP)
         start = time.monotonic()
@@ -110,6 +121,46 @@ def test_a_stopped_peer_ends_the_job_after_the_timeout(tmp_path):
     assert exit_code != 0
     # blocked in a pipeline receive (our error, naming the flag) or in a collective (gloo's)
     assert "pipeline rank 0: receiving" in output or f"Timed out waiting {int(TIMEOUT_MINUTES * 60_000)}ms" in output, output[-3000:]
+    assert TIMEOUT_MINUTES * 60 * 0.8 <= took <= BOUND_S, took
+
+
+STOP_IN_ALL_TO_ALL = Path(__file__).with_name("stop_in_all_to_all.py")
+
+
+def test_a_peer_stopped_in_an_all_to_all_ends_the_job_after_the_timeout(tmp_path):
+    """EP=2 on 2 processes; rank 1 stops itself as it enters an all-to-all of the first steps
+    (stop_in_all_to_all.py). Rank 0, waiting in the same all-to-all, must fail on gloo's
+    timeout within the bound, with the error naming the all-to-all and the flag."""
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(STOP_IN_ALL_TO_ALL),
+               *TINY, "--set", "num_layers=2", "--steps", "50", "--ep", "2", "--run-dir", str(run_dir),
+               "--distributed-timeout-minutes", str(TIMEOUT_MINUTES)]
+    env = {**compact.child_env(), "TORCHDYNAMO_DISABLE": "1"}
+    job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stopped = None
+    try:
+        deadline = time.monotonic() + 300
+        while stopped is None:
+            assert job.poll() is None and time.monotonic() < deadline, "the job ended before rank 1 stopped"
+            workers = _workers(job)
+            if "1" in workers and workers["1"].status() == psutil.STATUS_STOPPED:
+                stopped, failing = workers["1"], workers["0"]
+            time.sleep(0.1)
+        start = time.monotonic()
+        exit_code = failing.wait(timeout=BOUND_S)
+        took = time.monotonic() - start
+    finally:
+        if stopped is not None and stopped.is_running():
+            stopped.send_signal(signal.SIGCONT)
+        for process in psutil.Process(job.pid).children(recursive=True):
+            process.kill()
+        job.kill()
+    output, _ = job.communicate()
+    assert exit_code != 0
+    assert "rank 1: stopping itself in an all-to-all" in output
+    rank0 = "\n".join(line for line in output.splitlines() if line.startswith("[rank0]"))
+    assert f"Timed out waiting {int(TIMEOUT_MINUTES * 60_000)}ms" in rank0, output[-3000:]
+    assert "the expert-parallel all-to-all" in rank0 and "--distributed-timeout-minutes" in rank0, output[-3000:]
     assert TIMEOUT_MINUTES * 60 * 0.8 <= took <= BOUND_S, took
 
 
