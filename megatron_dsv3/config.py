@@ -94,6 +94,10 @@ class DeepSeekV3Config(MLATransformerConfig):
     # backend our FP8 Linear with "emulate" (any device), "scaled_mm" (Hopper) or "auto".
     # None trains in high precision.
     fp8_blockwise: str | None = None
+    # DualPipe's FB step (report §3.2.1): one micro-batch's forward and another's backward take
+    # turns at their expert-parallel all-to-alls, each exchange in flight while the other
+    # computes (megatron_dsv3/overlap/handover.py). Read by the DualPipe and DualPipeV executors.
+    fb_overlap: bool = False
     bias_update_rate_schedule: StepSchedule | None = PAPER_GAMMA_SCHEDULE
     mtp_loss_scaling_schedule: StepSchedule | None = PAPER_MTP_LAMBDA_SCHEDULE
     preset_name: str = "custom"
@@ -434,10 +438,11 @@ LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn
 
 
 def validate_parallelism(c) -> None:
-    """The parallel layout fits the model: TP divides the heads, EP divides the experts.
+    """The parallel layout fits the model: TP divides the heads, EP divides the experts, and
+    the FB overlap has expert-parallel all-to-alls to overlap.
 
     Reads tensor_model_parallel_size, num_attention_heads, num_moe_experts, and
-    expert_model_parallel_size when there are experts.
+    expert_model_parallel_size when there are experts; fb_overlap, moe_token_dispatcher_type.
     """
     _check(
         c.num_attention_heads % c.tensor_model_parallel_size == 0,
@@ -450,6 +455,15 @@ def validate_parallelism(c) -> None:
             c.num_moe_experts % c.expert_model_parallel_size == 0,
             "expert_model_parallel_size", c.expert_model_parallel_size,
             f"does not divide num_moe_experts={c.num_moe_experts}", "choose an EP size that divides the experts",
+        )
+    if c.fb_overlap:
+        _check(
+            bool(c.num_moe_experts) and c.expert_model_parallel_size > 1 and c.moe_token_dispatcher_type == "alltoall",
+            "fb_overlap", c.fb_overlap,
+            "the FB step hands over at expert-parallel all-to-alls, and this model has none "
+            f"(num_moe_experts={c.num_moe_experts}, expert_model_parallel_size={c.expert_model_parallel_size}, "
+            f"moe_token_dispatcher_type={c.moe_token_dispatcher_type!r})",
+            "set expert_model_parallel_size > 1 with moe_token_dispatcher_type='alltoall', or fb_overlap=False",
         )
 
 

@@ -72,6 +72,10 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="MTP loss weight lambda by the fraction of the run's tokens consumed, set every step "
                             "(a preset gives its own, e.g. the paper's 0:0.3,0.6757:0.1). Default none: "
                             "--mtp-loss-scaling-factor throughout.")
+    group.add_argument("--dsv3-fb-overlap", action="store_true",
+                       help="With --pipeline-schedule dualpipev or dualpipe and --expert-model-parallel-size > 1: each FB "
+                            "step's forward and backward micro-batches take turns at their expert-parallel all-to-alls, "
+                            "each exchange in flight while the other computes (report §3.2.1); the same numbers.")
     group.add_argument("--dsv3-init-as-single-process", action="store_true",
                        help="Every rank builds the whole model from --seed and keeps its chunks, so a pipelined run "
                             "starts from the single-process model's weights (Megatron-LM offsets the seed per pipeline "

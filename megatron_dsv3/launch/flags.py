@@ -92,6 +92,7 @@ FLAG_OF_FIELD = {
     "gradient_accumulation_fusion": "--no-gradient-accumulation-fusion",
     "fp16": "--fp16",
     "moe_router_fusion": "--moe-router-fusion",
+    "fb_overlap": "--dsv3-fb-overlap",
 }
 # What our specs build, whatever the preset: MLA, with MLA's own RoPE, unfused (the config's
 # default; Megatron-LM's fuses, which MLA allows with YaRN only).
@@ -183,6 +184,7 @@ def model_config(args: argparse.Namespace) -> DeepSeekV3Config:
         seq_length=args.seq_length,
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         fp8_blockwise=FP8_CHOICES[args.dsv3_fp8][0],
+        fb_overlap=args.dsv3_fb_overlap,
         bias_update_rate_schedule=args.dsv3_gamma_schedule,
         mtp_loss_scaling_schedule=args.dsv3_lambda_schedule,
         preset_name=args.dsv3_preset or "custom",

@@ -71,6 +71,7 @@ def check_parallelism(args: argparse.Namespace) -> None:
             validate_parallelism(SimpleNamespace(
                 tensor_model_parallel_size=tp, num_attention_heads=args.num_attention_heads,
                 num_moe_experts=args.num_experts, expert_model_parallel_size=ep,
+                fb_overlap=args.dsv3_fb_overlap, moe_token_dispatcher_type=args.moe_token_dispatcher_type,
             ))
         except ConfigError as error:
             raise flagged(error) from None
@@ -95,6 +96,12 @@ def check_parallelism(args: argparse.Namespace) -> None:
             check_deferrable(args)  # Megatron-LM's args carry the config's field name
         except ConfigError as error:
             raise flagged(error, f"--pipeline-schedule={args.pipeline_schedule} needs ") from None
+    else:
+        require(
+            not args.dsv3_fb_overlap,
+            f"--dsv3-fb-overlap with --pipeline-schedule={args.pipeline_schedule}: FB steps are DualPipe's and DualPipeV's",
+            f"pass --pipeline-schedule one of {registry.OURS}, or drop --dsv3-fb-overlap",
+        )
     for name, flag in OTHER_LAYOUT_FLAGS.items():
         require(
             not getattr(args, name),

@@ -50,6 +50,8 @@ send/recv pairs do not express two chunks; comm.py uses the same pipeline group)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -60,6 +62,8 @@ from megatron.core.pipeline_parallel.schedules import backward_step, check_first
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.utils import get_attr_wrapped_model, get_model_config, get_pg_size
 
+from megatron_dsv3.overlap import link
+from megatron_dsv3.overlap.handover import Interleave
 from megatron_dsv3.pipeline import schedule
 from megatron_dsv3.pipeline.comm import ACTIVATION, GRADIENT, NeighbourP2P
 from megatron_dsv3.pipeline.simulate import TimedAction, Timeline
@@ -247,6 +251,31 @@ def sequential_forward_backward(*, forward_step_func, data_iterator, f_model, nu
     return output, num_tokens, input_gradient
 
 
+def overlapped_forward_backward(*, forward_step_func, data_iterator, f_model, num_microbatches, input_tensor, forward_data_store,
+                                b_model, b_input_tensor, b_output_tensor, b_output_tensor_grad, config, current_microbatch,
+                                is_first_microbatch, cp_group_size, collect_non_loss_data, is_last_stage, handovers=None):
+    """The FB step of `config.fb_overlap`: the same forward and backward as
+    `sequential_forward_backward`, as two tasks that take turns at their expert-parallel
+    all-to-alls (overlap/handover.py), the backward first. Bit for bit the same results.
+    `handovers`, a list, receives the (task, label) of every hand-over."""
+
+    def forward():
+        return forward_step(
+            forward_step_func, data_iterator, f_model, num_microbatches, input_tensor, forward_data_store, config,
+            cp_group_size, collect_non_loss_data, is_first_microbatch=is_first_microbatch,
+            current_microbatch=current_microbatch, is_last_stage=is_last_stage,
+        )
+
+    def backward():
+        return backward_step(b_input_tensor, b_output_tensor, b_output_tensor_grad, config)
+
+    interleave = Interleave(names=("forward", "backward"))
+    (output, num_tokens), input_gradient = interleave.run(forward, backward, first=1)
+    if handovers is not None:
+        handovers += interleave.handovers
+    return output, num_tokens, input_gradient
+
+
 def _overlap_hook(chunk) -> Callable | None:
     """The `overlapped_forward_backward` of the chunk's module under its wrappers (DDP), if any."""
     try:
@@ -272,7 +301,7 @@ class TimelineRecorder:
         if not records:
             raise ValueError("no actions were recorded: pass timeline=recorder to the executor.")
         origin = min(record.start for record in records)
-        shifted = tuple(TimedAction(r.rank, r.action, r.start - origin, r.end - origin) for r in records)
+        shifted = tuple(dataclasses.replace(r, start=r.start - origin, end=r.end - origin) for r in records)
         return Timeline(shifted, self.placement, costs=None)
 
 
@@ -331,6 +360,7 @@ class _RankExecutor:
         self._local: dict[tuple[int, int, int], torch.Tensor] = {}  # (stream, to chunk, mb) -> tensor kept on this rank
         self.grad_sync = _GradSync(self.config.no_sync_func)
         self.weight_grads = WeightGradStore()  # B's deferred weight gradients, until their W
+        self.handovers: list[tuple[str, str]] = []  # the running action's, when it is an overlapped FB
 
     def computes_loss(self, chunk: int) -> bool:
         return self.next[chunk] is None
@@ -344,10 +374,15 @@ class _RankExecutor:
                 enable_weight_grad_deferral(chunk)
             self.grad_sync.hold()
         for action in actions:
-            start = time.time()
+            clock, start = link.totals(), time.time()
+            self.handovers = []
             self.run_action(action)
             if self.timeline is not None:
-                self.timeline.records.append(TimedAction(self.rank, action, start, time.time()))
+                end, spent = time.time(), _spent(clock, link.totals())
+                self.timeline.records.append(TimedAction(
+                    self.rank, action, start, end, a2a_blocked=spent["a2a_blocked"], p2p_blocked=spent["p2p_blocked"],
+                    a2a_comm=spent["a2a_comm"], handovers=tuple(f"{task}: {label}" for task, label in self.handovers),
+                ))
         self.p2p.wait_all()
         if len(self.weight_grads):
             raise RuntimeError(f"rank {self.rank}: {len(self.weight_grads)} deferred B's had no W in the order.")
@@ -449,7 +484,10 @@ class _RankExecutor:
         b_chunk, b_microbatch = action.backward_chunk, action.backward_microbatch
         inputs = self._forward_inputs(f_chunk, f_microbatch)
         b_input, b_output, b_output_gradient = self._backward_inputs(b_chunk, b_microbatch)
-        run = _overlap_hook(self.model[f_chunk]) or sequential_forward_backward
+        run = _overlap_hook(self.model[f_chunk])
+        if run is None:
+            run = (functools.partial(overlapped_forward_backward, handovers=self.handovers)
+                   if getattr(self.config, "fb_overlap", False) else sequential_forward_backward)
         with self._grad_sync_if_last(b_chunk, b_microbatch):
             output, num_tokens, input_gradient = run(
                 f_model=self.model[f_chunk], b_model=self.model[b_chunk], b_input_tensor=b_input, b_output_tensor=b_output,
@@ -471,6 +509,18 @@ class _RankExecutor:
         finally:
             if last:
                 self.grad_sync.hold()
+
+
+def _spent(before: dict[str, link.Totals], after: dict[str, link.Totals]) -> dict[str, float]:
+    """Seconds between two readings of the link's clock: blocked on all-to-alls and on P2P, and
+    the all-to-alls' communication time."""
+    def change(labels, name):
+        return sum(getattr(after[label], name) - getattr(before.get(label, link.Totals()), name) for label in labels)
+
+    all_to_alls = [label for label in after if label != link.P2P]
+    p2p = [link.P2P] if link.P2P in after else []
+    return {"a2a_blocked": change(all_to_alls, "blocked_s"), "p2p_blocked": change(p2p, "blocked_s"),
+            "a2a_comm": change(all_to_alls, "comm_s")}
 
 
 def _move_losses_to_last_stage(executor: _RankExecutor, group) -> tuple[list, torch.Tensor]:

@@ -72,10 +72,20 @@ class Costs:
 
 @dataclass(frozen=True)
 class TimedAction:
+    """One action of a rank and when it ran. A recorded one (`dualpipe.TimelineRecorder`) also
+    has, in seconds, the time it spent blocked on expert-parallel all-to-alls (`a2a_blocked`)
+    and on pipeline receives (`p2p_blocked`), the communication time of the all-to-alls it
+    issued (`a2a_comm`, issue to done), and for an overlapped FB its hand-overs in order, as
+    "task: label" (overlap/handover.py)."""
+
     rank: int
     action: Action
     start: float
     end: float
+    a2a_blocked: float = 0.0
+    p2p_blocked: float = 0.0
+    a2a_comm: float = 0.0
+    handovers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -205,13 +215,15 @@ def simulate_schedule(spec, num_ranks: int, num_microbatches: int, costs: Costs)
 # ----------------------------------------------------------------------------- plot
 
 _COLORS = {"F": "#f2a93b", "B": "#a8e07a", "W": "#6fb7f0", "BW": "#5cc94a", "FB": "#c9a0dc"}
+_BLOCKED = "#d62728"
 
 
 def plot_timeline(timeline: Timeline, path, title: str = "") -> None:
     """A PNG like the report's Figure 5: one row per rank, a box per action with its
     micro-batch inside (white for chunk 1, black for chunk 0); an FB is a forward box and a
     full-backward box inside one black frame, split by the costs (a recorded timeline has
-    none: one F&B box labelled "forward/backward" micro-batch)."""
+    none: one F&B box labelled "forward/backward" micro-batch). A recorded action's time
+    blocked on communication is a red strip along its bottom, from its start."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -239,14 +251,18 @@ def plot_timeline(timeline: Timeline, path, title: str = "") -> None:
             axes.text((start + end) / 2, y + 0.5, str(microbatch), ha="center", va="center", fontsize=6,
                       color="white" if chunk == 1 else "black")
         axes.add_patch(Rectangle((record.start, y), record.end - record.start, 1, fill=False, edgecolor="black", linewidth=0.8))
+        if record.a2a_blocked + record.p2p_blocked > 0:  # recorded: its time blocked on communication, from its start
+            axes.add_patch(Rectangle((record.start, y), record.a2a_blocked + record.p2p_blocked, 0.15, facecolor=_BLOCKED, linewidth=0))
     axes.set_xlim(0, makespan)
     axes.set_ylim(0, num_ranks)
     axes.set_yticks([num_ranks - 0.5 - rank for rank in range(num_ranks)], [f"rank {rank}" for rank in range(num_ranks)])
     axes.set_xlabel("time" if costs is not None else "seconds")
     legend = {"F": "forward", "B": "backward for inputs", "W": "backward for weights", "BW": "full backward"}
+    colors = dict(_COLORS)
     if costs is None:
         legend["FB"] = "forward & backward"
-    axes.legend(handles=[Rectangle((0, 0), 1, 1, facecolor=_COLORS[k], label=v) for k, v in legend.items()],
+        legend["blocked"], colors["blocked"] = "blocked on communication (its length)", _BLOCKED
+    axes.legend(handles=[Rectangle((0, 0), 1, 1, facecolor=colors[k], label=v) for k, v in legend.items()],
                 loc="upper center", bbox_to_anchor=(0.5, -0.4), ncol=len(legend), fontsize=7, frameon=False)
     axes.set_title(title or f"bubble {timeline.bubble():g}, makespan {timeline.makespan():g}", fontsize=9)
     figure.tight_layout()

@@ -19,6 +19,7 @@ bit-identically on CPU.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import json
@@ -41,6 +42,8 @@ from tqdm import tqdm
 from megatron_dsv3 import cpu
 from megatron_dsv3.config import ConfigError, DeepSeekV3Config, parse_override, preset
 from megatron_dsv3.distributed import init_distributed, seed_everything
+from megatron_dsv3.overlap import link
+from megatron_dsv3.overlap.link import LinkSpec
 from megatron_dsv3.pipeline import layout, registry
 from megatron_dsv3.pipeline.dualpipe import TimelineRecorder
 from megatron_dsv3.pipeline.no_pipelining import forward_backward_no_pipelining
@@ -55,6 +58,14 @@ from megatron_dsv3.training.metrics import step_metrics, summarize
 from megatron_dsv3.training.monitor import MetricsLog, plot_expert_load, plot_losses
 from megatron_dsv3.training.optimizer import AdamWLowPrecisionMoments
 from megatron_dsv3.weight_grad import check_deferrable
+
+
+def _link_spec(text: str) -> LinkSpec:
+    """--emulate-link's value; argparse prints the reason of a bad one."""
+    try:
+        return LinkSpec.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _option(help: str, default=dataclasses.MISSING, *, default_factory=dataclasses.MISSING, **cli):
@@ -92,6 +103,14 @@ class TrainArgs:
         "ranks that split every MoE layer's experts (expert parallelism, report §3.2.2), taken from the data-parallel "
         "ranks: each holds num_moe_experts / EP experts, and tokens reach them through the alltoall dispatcher", 1,
         flag="--ep")
+    fb_overlap: bool = _option(
+        "overlap DualPipe's FB steps (report §3.2.1): one micro-batch's forward and another's backward take turns at their "
+        "expert-parallel all-to-alls, each exchange in flight while the other computes; bit for bit the same training. "
+        "Needs --ep > 1 and --pipeline-schedule dualpipev or dualpipe", False)
+    emulate_link: LinkSpec | None = _option(
+        "time every expert-parallel all-to-all and pipeline send as over a link of GBPS (10^9 bytes per second) and "
+        "LATENCY_US microseconds, waiting off the compute thread (megatron_dsv3/overlap/link.py); e.g. 0.05,20", None,
+        type=_link_spec, metavar="GBPS,LATENCY_US")
     layers_per_stage: list[int] | None = _option("uneven pipeline layout, one layer count per stage, e.g. '[1,2,2,1]'", None)
     save_interval: int = _option("write a checkpoint to RUN_DIR/checkpoints every N steps (0: never)", 0)
     resume: bool = _option("continue from RUN_DIR/checkpoints/latest", False)
@@ -110,6 +129,11 @@ class TrainArgs:
             raise ValueError(
                 f"pipeline_size={self.pipeline_size} with pipeline_schedule={self.pipeline_schedule!r}: the compact loop "
                 f"pipelines with two chunks per rank only. Fix: pass --pipeline-schedule one of {registry.OURS}, or --pp 1."
+            )
+        if self.fb_overlap and not schedule.ours:
+            raise ValueError(
+                f"fb_overlap with pipeline_schedule={self.pipeline_schedule!r}: FB steps are the two-chunk schedules'. "
+                f"Fix: pass --pipeline-schedule one of {registry.OURS} (at any --pp, 1 included)."
             )
         if self.layers_per_stage is not None and not schedule.ours:
             raise ValueError(f"layers_per_stage is a pipeline layout. Fix: pass it with --pipeline-schedule one of {registry.OURS}.")
@@ -192,6 +216,8 @@ def _model_config(args: TrainArgs):
         overrides.update(pipeline_model_parallel_size=args.pipeline_size, pipeline_dtype=torch.float32)
     if args.expert_parallel_size > 1:
         overrides.update(expert_model_parallel_size=args.expert_parallel_size)
+    if args.fb_overlap:
+        overrides.update(fb_overlap=True)
     config = preset(args.preset, **overrides)
     if config.bf16 or config.fp16 or config.params_dtype != torch.float32:
         raise ConfigError(
@@ -220,7 +246,7 @@ def _model_config(args: TrainArgs):
         raise ConfigError(
             "moe_token_dispatcher_type", config.moe_token_dispatcher_type,
             f"expert_parallel_size={args.expert_parallel_size}: the compact loop sends tokens to other ranks' experts "
-            "with Megatron's alltoall dispatcher",
+            "with the alltoall dispatcher (megatron_dsv3/overlap/dispatch.py)",
             "pass --set moe_token_dispatcher_type='\"alltoall\"'",
         )
     for name in ("tensor_model_parallel_size", "context_parallel_size"):
@@ -289,6 +315,7 @@ def train(args: TrainArgs) -> dict | None:
                      timeout=datetime.timedelta(minutes=args.distributed_timeout_minutes),
                      expert_model_parallel_size=args.expert_parallel_size)
     cpu.enable(config)
+    link.emulate(args.emulate_link)
     seed_everything(args.seed)
     is_logger = torch.distributed.get_rank() == 0
     if args.overwrite and is_logger and run_dir.exists():

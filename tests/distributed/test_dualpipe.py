@@ -1,12 +1,24 @@
-"""DualPipeV and DualPipe on P gloo processes equal the single-process model on the same data.
+"""DualPipeV and DualPipe on P gloo processes, with and without expert parallelism, equal the
+single-process model on the same data.
 
 The tiny preset (MLA + MoE + MTP) cut into stages (2P for DualPipeV, P per direction for
 DualPipe; even, or an explicit uneven layout) runs two training steps (no optimizer) through
 the registry's DualPipeV / DualPipe executors (P processes, Megatron pipeline
 group of P) and through the no-pipelining schedule (one process); then one forward-only step
 on new data. Compared: the loss dict of every micro-batch, every parameter's gradient after
-the second finalize, the expert biases after each update, and the forward-only losses.
+the second finalize, the expert biases and every MoE layer's tokens per expert after each update, and the
+forward-only losses.
 The first step also records its timeline: the actions each rank ran are its order.
+
+Expert parallelism (EP=2): P x 2 processes, two data-parallel replicas of the pipeline that
+split every MoE layer's experts (Megatron's alltoall dispatcher); replica d runs micro-batches
+d, d + 2, ... of the single process's 2M. Each replica's losses equal the single process's of
+its micro-batches within 1e-6 relative, most of them bit for bit: a token meets the same
+weights wherever its experts live, but an expert's GEMM now runs over the tokens of both
+replicas' micro-batches, and the CPU GEMM's blocking, so the order of a row's sums, depends on
+the number of rows below about 12 (measured with torch 2.14). The expert biases are
+bit-identical (integer token counts summed over the replicas). The gradients are the two replicas' sums added (DDP's all-reduce), in another order than the single
+process adds its 2M micro-batches: every one within 1e-6 relative to its largest entry.
 
 DualPipeV: bit-identical except one tensor, the word embedding's gradient. Its embedding is shared by
 the decoder input (rank 0, chunk 0) and the MTP block (rank 0, chunk 1); the single process
@@ -37,28 +49,31 @@ from megatron_dsv3.distributed import free_port
 SEQ, MICRO_BATCH = 32, 2
 
 
-def _batches(seed: int, vocab_size: int):
+def _batches(seed: int, vocab_size: int, replica: int = 0, replicas: int = 1):
+    """The micro-batches of data-parallel `replica` of `replicas`: every replicas-th of one stream."""
     generator = torch.Generator().manual_seed(seed)
-    while True:
+    for index in range(10**9):
         tokens = torch.randint(0, vocab_size, (MICRO_BATCH, SEQ), generator=generator)
+        if index % replicas != replica:
+            continue
         yield {"tokens": tokens, "labels": torch.roll(tokens, -1, 1), "loss_mask": torch.ones(MICRO_BATCH, SEQ),
                "position_ids": torch.arange(SEQ).expand(MICRO_BATCH, SEQ)}
 
 
-def _run_step(schedule, config, chunks, layer_offsets, num_microbatches: int, timeline_group=None) -> dict:
+def _run_step(schedule, config, chunks, layer_offsets, num_microbatches: int, timeline_group=None, replica=0, replicas=1) -> dict:
     """Two training steps (no optimizer: the second step's gradients and the biases updated
 twice are compared), then one forward-only step on other data. With `timeline_group` the first
 step is recorded and its timeline gathered over that group."""
     from megatron_dsv3.pipeline.dualpipe import TimelineRecorder
-    from megatron_dsv3.routing import finalize_model_grads_with_load
+    from megatron_dsv3.routing import expert_load, finalize_model_grads_with_load
     from megatron_dsv3.training.forward_step import forward_step
 
     config.no_sync_func = [chunk.no_sync for chunk in chunks] if len(chunks) > 1 else chunks[0].no_sync
     config.finalize_model_grads_func = finalize_model_grads_with_load
     common = dict(forward_step_func=forward_step, model=chunks, num_microbatches=num_microbatches,
                   seq_length=SEQ, micro_batch_size=MICRO_BATCH)
-    data = _batches(1, config.vocab_size)
-    losses, biases, timeline = [], [], None
+    data = _batches(1, config.vocab_size, replica, replicas)
+    losses, biases, loads, timeline = [], [], [], None
     for step in range(2):  # the second step is the one where DDP's overlapped sync follows no_sync
         for chunk in chunks:
             chunk.zero_grad_buffer()
@@ -69,9 +84,10 @@ step is recorded and its timeline gathered over that group."""
         else:
             losses += schedule(data_iterator=data, **common)
         biases.append({n: b.clone() for n, b in _named_expert_biases(chunks, layer_offsets)})
+        loads.append({load.name: load.tokens_per_expert for load in expert_load(chunks)})
     with torch.no_grad():
-        eval_losses = schedule(data_iterator=_batches(2, config.vocab_size), forward_only=True, **common)
-    return {"losses": losses, "eval_losses": eval_losses, "biases": biases, "timeline": timeline}
+        eval_losses = schedule(data_iterator=_batches(2, config.vocab_size, replica, replicas), forward_only=True, **common)
+    return {"losses": losses, "eval_losses": eval_losses, "biases": biases, "loads": loads, "timeline": timeline}
 
 
 def _named_expert_biases(chunks, layer_offsets):
@@ -84,12 +100,13 @@ def _named_expert_biases(chunks, layer_offsets):
                 yield full_model_name(n, offset), b
 
 
-def _config(num_layers: int, pp_size: int):
+def _config(num_layers: int, pp_size: int, ep_size: int = 1):
     from megatron_dsv3.config import preset
 
-    if pp_size == 1:
-        return preset("tiny", num_layers=num_layers, seq_length=SEQ)
-    return preset("tiny", num_layers=num_layers, seq_length=SEQ, pipeline_model_parallel_size=pp_size, pipeline_dtype=torch.float32)
+    parallel = dict(expert_model_parallel_size=ep_size) if ep_size > 1 else {}
+    if pp_size > 1:
+        parallel.update(pipeline_model_parallel_size=pp_size, pipeline_dtype=torch.float32)
+    return preset("tiny", num_layers=num_layers, seq_length=SEQ, **parallel)
 
 
 def _reference_main(rank: int, port: int, num_layers: int, num_microbatches: int, overlap: bool, out: str):
@@ -127,8 +144,8 @@ def _backward_first(calls: list):
     return overlapped_forward_backward
 
 
-def _pipeline_main(rank: int, port: int, schedule_name: str, pp_size: int, num_layers: int, num_microbatches: int, overlap: bool,
-                   layers_per_stage, out_dir: str):
+def _pipeline_main(rank: int, port: int, schedule_name: str, pp_size: int, ep_size: int, num_layers: int, num_microbatches: int,
+                   overlap: bool, layers_per_stage, out_dir: str):
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
@@ -138,24 +155,43 @@ def _pipeline_main(rank: int, port: int, schedule_name: str, pp_size: int, num_l
     from megatron_dsv3.pipeline.registry import SCHEDULES
 
     schedule = SCHEDULES[schedule_name]
-    local_process_env(rank, pp_size, port)
-    init_distributed(pp_size, get_embedding_ranks=schedule.get_embedding_ranks, backend="gloo")
-    config = _config(num_layers, pp_size)
+    local_process_env(rank, pp_size * ep_size, port)
+    init_distributed(pp_size, get_embedding_ranks=schedule.get_embedding_ranks, backend="gloo", expert_model_parallel_size=ep_size)
+    config = _config(num_layers, pp_size, ep_size)
     config.deallocate_pipeline_outputs = True  # as Megatron-LM runs: sent outputs keep only their grad_fn
     cpu.enable(config)
     seed_everything(0)
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     chunks = [DistributedDataParallel(config, DistributedDataParallelConfig(overlap_grad_reduce=overlap), chunk)
-              for chunk in schedule.build_chunks(config, rank, pp_size, layers_per_stage)]
+              for chunk in schedule.build_chunks(config, pp_rank, pp_size, layers_per_stage)]
     overlap_calls = []
     if schedule_name == "dualpipe":  # FB actions through a chunk's own hook
         for chunk in chunks:
             chunk.module.overlapped_forward_backward = _backward_first(overlap_calls)
-    stages = [stage for _, stage in schedule.stages(pp_size)[rank]]
+    stages = [stage for _, stage in schedule.stages(pp_size)[pp_rank]]
     offsets = [layout.stage_layers(num_layers, schedule.num_stages(pp_size), stage, layers_per_stage).start for stage in stages]
-    result = _run_step(schedule.forward_backward_func, config, chunks, offsets, num_microbatches,
-                       timeline_group=parallel_state.get_pipeline_model_parallel_group())
-    result["grads"] = {layout.full_model_name(n, offset): p.main_grad.clone()
-                       for chunk, offset in zip(chunks, offsets) for n, p in chunk.module.named_parameters()}
+    initial = [{k: v.clone() for k, v in chunk.module.state_dict().items() if isinstance(v, torch.Tensor)} for chunk in chunks]
+
+    def two_steps():
+        result = _run_step(schedule.forward_backward_func, config, chunks, offsets, num_microbatches,
+                           timeline_group=parallel_state.get_pipeline_model_parallel_group(),
+                           replica=parallel_state.get_data_parallel_rank(), replicas=ep_size)
+        experts = layout.expert_offset(config)
+        result["grads"] = {layout.full_model_name(n, offset, experts): p.main_grad.clone()
+                           for chunk, offset in zip(chunks, offsets) for n, p in chunk.module.named_parameters()}
+        return result
+
+    result = two_steps()
+    if ep_size > 1:  # the same again from the same weights, FB overlapped at the all-to-alls
+        for chunk, state in zip(chunks, initial):
+            chunk.module.load_state_dict(state, strict=False)
+            chunk.module.__dict__.pop("overlapped_forward_backward", None)
+        config.fb_overlap = True
+        overlapped = two_steps()
+        result["fb_overlap"] = {key: overlapped[key] for key in ("losses", "eval_losses", "biases", "loads", "grads")}
+        result["fb_overlap"]["handovers"] = [(str(r.action), r.handovers) for r in overlapped["timeline"].records
+                                             if r.rank == parallel_state.get_pipeline_model_parallel_rank()]
+    result["place"] = (pp_rank, parallel_state.get_data_parallel_rank())
     result["overlap_calls"] = overlap_calls
     if rank == 0:
         from megatron_dsv3.pipeline.simulate import plot_timeline
@@ -175,47 +211,56 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # P = 1: the V turns on the rank that computes the loss. overlap_grad_reduce: DDP then syncs
-# a chunk's gradients only when its last backward runs outside no_sync.
+# a chunk's gradients only when its last backward runs outside no_sync. EP = 2: P x 2 processes.
 @pytest.mark.parametrize(
-    "schedule_name, pp_size, num_layers, num_microbatches, overlap, layers_per_stage",
+    "schedule_name, pp_size, ep_size, num_layers, num_microbatches, overlap, layers_per_stage",
     [
-        ("dualpipev", 1, 2, 3, True, None),
-        ("dualpipev", 2, 6, 8, True, [1, 2, 2, 1]),
-        ("dualpipe", 2, 4, 12, True, None),
-        pytest.param("dualpipev", 4, 8, 12, False, None, marks=pytest.mark.slow),
-        pytest.param("dualpipe", 4, 6, 8, False, [1, 2, 2, 1], marks=pytest.mark.slow),
+        ("dualpipev", 1, 2, 2, 3, True, None),
+        ("dualpipev", 2, 2, 6, 8, True, [1, 2, 2, 1]),
+        ("dualpipe", 2, 2, 4, 12, True, None),
+        pytest.param("dualpipev", 4, 1, 8, 12, False, None, marks=pytest.mark.slow),
+        pytest.param("dualpipe", 4, 1, 6, 8, False, [1, 2, 2, 1], marks=pytest.mark.slow),
     ],
 )
-def test_matches_single_process(tmp_path, schedule_name, pp_size, num_layers, num_microbatches, overlap, layers_per_stage):
+def test_matches_single_process(tmp_path, schedule_name, pp_size, ep_size, num_layers, num_microbatches, overlap, layers_per_stage):
     from megatron_dsv3.pipeline.schedule import dualpipe_order, dualpipev_order
 
-    mp.spawn(_reference_main, args=(free_port(), num_layers, num_microbatches, overlap, str(tmp_path / "ref.pt")), nprocs=1, join=True)
-    mp.spawn(_pipeline_main, args=(free_port(), schedule_name, pp_size, num_layers, num_microbatches, overlap, layers_per_stage, str(tmp_path)),
-             nprocs=pp_size, join=True)
+    mp.spawn(_reference_main, args=(free_port(), num_layers, num_microbatches * ep_size, overlap, str(tmp_path / "ref.pt")),
+             nprocs=1, join=True)
+    mp.spawn(_pipeline_main, args=(free_port(), schedule_name, pp_size, ep_size, num_layers, num_microbatches, overlap,
+                                   layers_per_stage, str(tmp_path)), nprocs=pp_size * ep_size, join=True)
     reference = torch.load(tmp_path / "ref.pt", weights_only=True)
-    ranks = _gathered(pp_size, str(tmp_path))
+    ranks = _gathered(pp_size * ep_size, str(tmp_path))
     mirrored = schedule_name == "dualpipe"
 
-    # Loss dicts: on Megatron's last pipeline stage (rank P-1) only, one per micro-batch.
-    for rank in range(pp_size - 1):
-        assert ranks[rank]["losses"] == [] and ranks[rank]["eval_losses"] == []
-    for key in ("losses", "eval_losses"):
-        got, want = ranks[-1][key], reference[key]
-        assert len(got) == len(want) == num_microbatches * (2 if key == "losses" else 1)
-        for g, w in zip(got, want):
-            assert g.keys() == w.keys() and all(torch.equal(g[k], w[k]) for k in w)
+    # Loss dicts: on Megatron's last pipeline stage only, one per micro-batch of the replica;
+    # replica d's k-th micro-batch of a step is the single process's k * EP + d-th.
+    for result in ranks:
+        pp_rank, replica = result["place"]
+        if pp_rank < pp_size - 1:
+            assert result["losses"] == [] and result["eval_losses"] == []
+            continue
+        for key, steps in (("losses", 2), ("eval_losses", 1)):
+            got = result[key]
+            want = [reference[key][step * num_microbatches * ep_size + k * ep_size + replica]
+                    for step in range(steps) for k in range(num_microbatches)]
+            assert len(got) == len(want) == num_microbatches * steps
+            for g, w in zip(got, want):
+                assert g.keys() == w.keys()
+                for k in w:  # bit-identical without EP; with it, the GEMM-rows reason of the module note
+                    assert torch.equal(g[k], w[k]) if ep_size == 1 else torch.allclose(g[k], w[k], rtol=1e-6, atol=0), (key, k)
 
     grads = {}
     for result in ranks:
         for name, grad in result["grads"].items():
-            if name in grads:  # a mirror (DualPipe only): the other copy of the same stage
-                assert mirrored and torch.equal(grads[name], grad), name
+            if name in grads:  # a mirror (DualPipe) or another replica's copy (EP): the same sum
+                assert (mirrored or ep_size > 1) and torch.equal(grads[name], grad), name
             grads[name] = grad
     assert grads.keys() == reference["grads"].keys()
     differing = {n: _relative(grads[n], reference["grads"][n]) for n in grads if not torch.equal(grads[n], reference["grads"][n])}
-    print(f"{schedule_name} P={pp_size}: {len(grads) - len(differing)}/{len(grads)} gradients bit-identical; "
+    print(f"{schedule_name} P={pp_size} EP={ep_size}: {len(grads) - len(differing)}/{len(grads)} gradients bit-identical; "
           f"largest relative difference {max(differing.values(), default=0):.2e}")
-    if not mirrored:
+    if not mirrored and ep_size == 1:
         assert set(differing) <= {"embedding.word_embeddings.weight"}
     assert all(d <= 1e-6 for d in differing.values())
 
@@ -223,28 +268,66 @@ def test_matches_single_process(tmp_path, schedule_name, pp_size, num_layers, nu
         biases = {}
         for result in ranks:
             for n, b in result["biases"][step].items():
-                assert n not in biases or torch.equal(biases[n], b)  # mirrors agree
+                assert n not in biases or torch.equal(biases[n], b)  # mirrors and replicas agree
                 biases[n] = b
         assert biases.keys() == reference["biases"][step].keys() and biases
         for n, b in biases.items():
             assert torch.equal(b, reference["biases"][step][n]), (step, n)
             if step == 0:
                 assert not torch.equal(b, torch.zeros_like(b))  # the update really happened
+        # tokens per expert over the global batch: every MoE layer's, on every rank that holds it
+        loads = {}
+        for result in ranks:
+            for name, tokens in result["loads"][step].items():
+                assert loads.setdefault(name, tokens) == tokens, (step, name)
+        assert loads == reference["loads"][step] and loads, step
 
-    # The recorded timeline: every rank ran exactly its order, each action after the previous.
+    # The recorded timeline (gathered over each replica's pipeline): every pipeline rank ran
+    # exactly its order, each action after the previous.
     order = (dualpipev_order if schedule_name == "dualpipev" else dualpipe_order)(pp_size, num_microbatches)
-    timeline = ranks[0]["timeline"]
-    assert all(result["timeline"] == timeline for result in ranks)  # gathered on every rank
-    for rank in range(pp_size):
-        records = [r for r in timeline if r[0] == rank]
-        assert [r[1] for r in records] == [str(a) for a in order[rank]]
-        assert all(start <= end for _, _, start, end in records)
-        assert all(a[3] <= b[2] for a, b in zip(records, records[1:]))
+    for replica in range(ep_size):
+        pipeline = [result for result in ranks if result["place"][1] == replica]
+        timeline = pipeline[0]["timeline"]
+        assert all(result["timeline"] == timeline for result in pipeline)
+        for pp_rank in range(pp_size):
+            records = [r for r in timeline if r[0] == pp_rank]
+            assert [r[1] for r in records] == [str(a) for a in order[pp_rank]]
+            assert all(start <= end for _, _, start, end in records)
+            assert all(a[3] <= b[2] for a, b in zip(records, records[1:]))
     assert (tmp_path / "timeline.png").stat().st_size > 0
+    if ep_size > 1:
+        _check_fb_overlap(ranks)
     if mirrored:  # the FB actions of both steps went through the chunks' own hook
-        for rank, result in enumerate(ranks):
-            fb = [a for a in order[rank] if a.kind == "FB"]
+        for result in ranks:
+            fb = [a for a in order[result["place"][0]] if a.kind == "FB"]
             assert fb and result["overlap_calls"] == [a.microbatch for a in fb] * 2
+
+
+def _check_fb_overlap(ranks: list[dict]) -> None:
+    """The FB-overlapped run (config.fb_overlap) equals the sequential one bit for bit, and
+    its FB actions did hand over at the all-to-alls: the backward first, then the two tasks in
+    turn, each at its own exchanges in their order (forward: dispatch, combine; backward:
+    combine's, then dispatch's backward)."""
+    for result in ranks:
+        overlapped = result["fb_overlap"]
+        for key in ("losses", "eval_losses"):
+            assert len(overlapped[key]) == len(result[key])
+            for got, want in zip(overlapped[key], result[key]):
+                assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), key
+        assert overlapped["grads"].keys() == result["grads"].keys()
+        assert all(torch.equal(overlapped["grads"][n], g) for n, g in result["grads"].items())
+        for step in range(2):
+            assert overlapped["loads"][step] == result["loads"][step]
+            assert all(torch.equal(overlapped["biases"][step][n], b) for n, b in result["biases"][step].items())
+        fb = [handovers for action, handovers in overlapped["handovers"] if "&" in action]
+        assert any(fb), "the FB actions handed over"  # those of two dense-only chunks have nothing to hand over at
+        cycles = {"backward": ("combine backward", "dispatch backward"), "forward": ("dispatch", "combine")}
+        for handovers in fb:
+            tasks = [h.split(": ")[0] for h in handovers]
+            assert tasks == [("backward", "forward")[i % 2] for i in range(len(tasks))], handovers
+            for task, labels in cycles.items():
+                mine = [h.split(": ")[1] for h in handovers if h.startswith(task)]
+                assert mine == [labels[i % 2] for i in range(len(mine))], handovers
 
 
 def _invalid_main(rank: int, port: int, out_dir: str):

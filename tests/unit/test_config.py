@@ -88,6 +88,8 @@ INVALID = [
     (dict(moe_expert_capacity_factor=1.0), "moe_expert_capacity_factor"),  # the paper drops no token
     (dict(moe_router_score_function="softmax"), "moe_router_enable_expert_bias"),
     (dict(expert_model_parallel_size=3), "expert_model_parallel_size"),
+    (dict(fb_overlap=True), "fb_overlap"),  # no expert parallelism: no all-to-all to overlap
+    (dict(fb_overlap=True, expert_model_parallel_size=2, moe_token_dispatcher_type="allgather"), "fb_overlap"),
     (dict(moe_layer_freq=[0, 1]), "moe_layer_freq"),  # wrong length
     (dict(seq_length=1), "seq_length"),
     (dict(bias_update_rate_schedule=StepSchedule(((0.0, -0.001),))), "bias_update_rate_schedule"),

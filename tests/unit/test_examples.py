@@ -343,6 +343,10 @@ PROXY = ["--dsv3-preset", "proxy", "--micro-batch-size", "4", "--global-batch-si
         (16, ["--pipeline-schedule", "dualpipev"], "--pipeline-schedule=dualpipev needs --no-gradient-accumulation-fusion: "
                                                    "gradient_accumulation_fusion=True: DualPipe and DualPipeV defer the local "
                                                    "linears' weight gradients (megatron_dsv3.weight_grad)"),
+        (16, ["--dsv3-fb-overlap"], "--dsv3-fb-overlap: fb_overlap=True: the FB step hands over at expert-parallel all-to-alls, "
+                                    "and this model has none"),
+        (16, ["--dsv3-fb-overlap", "--expert-model-parallel-size", "2"],
+         "--dsv3-fb-overlap with --pipeline-schedule=1f1b: FB steps are DualPipe's and DualPipeV's"),
     ],
 )
 def test_impossible_layouts_name_the_flags(monkeypatch, capsys, world_size, extra, message):

@@ -77,3 +77,10 @@ def test_training_loop_rejects_precision_it_cannot_train_before_building():
 
     with pytest.raises(ConfigError, match="params_dtype=torch.bfloat16.*Fix:"):
         train(TrainArgs(overrides={"params_dtype": "bfloat16"}, steps=2, warmup_steps=0))
+
+
+def test_training_loop_rejects_the_fb_overlap_without_fb_steps():
+    from megatron_dsv3.training.loop import TrainArgs
+
+    with pytest.raises(ValueError, match="fb_overlap with pipeline_schedule='1f1b': FB steps are the two-chunk schedules'"):
+        TrainArgs(fb_overlap=True)
