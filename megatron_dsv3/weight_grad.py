@@ -58,7 +58,8 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 
 from megatron_dsv3.config import ConfigError
 
-_capturing: list | None = None  # the closures of the B being captured, if any
+# The capture in progress, if any: where closures go, and which weights it defers (None: all).
+_capturing: tuple[list, Callable[[torch.Tensor], bool] | None] | None = None
 
 
 def check_deferrable(config) -> None:
@@ -78,11 +79,11 @@ def check_deferrable(config) -> None:
 def defer_or_compute(weight: torch.Tensor, compute: Callable[[], torch.Tensor]) -> torch.Tensor | None:
     """The weight gradient a linear's backward returns: `compute()` now, or, inside a
     `WeightGradStore.capture`, a placeholder while `compute` waits for its W (design note)."""
-    if _capturing is None:
+    if _capturing is None or (_capturing[1] is not None and not _capturing[1](weight)):
         if hasattr(weight, "grad_added_to_main_grad"):
             weight.grad_added_to_main_grad = False  # a deferred B of this weight may have set it
         return compute()
-    _capturing.append((weight, compute))
+    _capturing[0].append((weight, compute))
     if hasattr(weight, "grad_added_to_main_grad"):
         weight.grad_added_to_main_grad = True
         return torch.empty_like(weight)
@@ -101,15 +102,9 @@ class WeightGradStore:
     @contextlib.contextmanager
     def capture(self, key):
         """Defer the weight gradients of the backward run inside; `key` names it for `run`."""
-        global _capturing
-        if _capturing is not None:
-            raise RuntimeError("WeightGradStore.capture is already active: captures do not nest.")
         closures: list = []
-        _capturing = closures
-        try:
+        with _capture(closures):
             yield
-        finally:
-            _capturing = None
         self._queue.append((key, closures))
 
     def run(self, key) -> None:
@@ -121,15 +116,58 @@ class WeightGradStore:
             raise RuntimeError(
                 f"W for {key}, but the oldest deferred B is {queued_key}: W's must follow their B's first in, first out."
             )
-        sums: dict[torch.Tensor, torch.Tensor] = {}
-        for weight, compute in closures:
-            grad = compute()
-            sums[weight] = grad if weight not in sums else sums[weight] + grad
-        for weight in sums:
-            if hasattr(weight, "grad_added_to_main_grad"):
-                weight.grad_added_to_main_grad = False  # let DDP's hook add this real gradient
-        if sums:
-            torch.autograd.backward(list(sums), list(sums.values()))
+        _accumulate(closures)
+
+
+class PendingWeightGrads:
+    """Weight gradients deferred within one backward and computed at points of it (`run`), for
+    the weights `only` accepts. The FB overlap defers the experts' this way, to compute them
+    while the dispatch's backward all-to-all is in flight (report §3.2.1: the MLP's backward
+    split into B and W). A weight's uses in one backward must fall between two runs: each run
+    accumulates what it computed, and a weight's second run would add in another order."""
+
+    def __init__(self, only: Callable[[torch.Tensor], bool]):
+        self._only = only
+        self._closures: list = []
+        self._ran: set[torch.Tensor] = set()
+
+    def capturing(self):
+        return _capture(self._closures, self._only)
+
+    def run(self) -> None:
+        closures = list(self._closures)
+        self._closures.clear()
+        weights = {weight for weight, _ in closures}
+        if weights & self._ran:
+            raise RuntimeError("a deferred weight was used again after its gradient was computed in this backward.")
+        self._ran |= weights
+        _accumulate(closures)
+
+
+@contextlib.contextmanager
+def _capture(closures: list, only: Callable[[torch.Tensor], bool] | None = None):
+    global _capturing
+    if _capturing is not None:
+        raise RuntimeError("weight gradients are already being deferred: captures do not nest.")
+    _capturing = (closures, only)
+    try:
+        yield
+    finally:
+        _capturing = None
+
+
+def _accumulate(closures: list) -> None:
+    """Compute the closures' weight gradients in order, sum those of a weight used more than
+    once (as autograd's input buffer does), and hand each sum to autograd (design note)."""
+    sums: dict[torch.Tensor, torch.Tensor] = {}
+    for weight, compute in closures:
+        grad = compute()
+        sums[weight] = grad if weight not in sums else sums[weight] + grad
+    for weight in sums:
+        if hasattr(weight, "grad_added_to_main_grad"):
+            weight.grad_added_to_main_grad = False  # let DDP's hook add this real gradient
+    if sums:
+        torch.autograd.backward(list(sums), list(sums.values()))
 
 
 class DeferrableLinearFunction(torch.autograd.Function):

@@ -43,10 +43,17 @@ _active: Interleave | None = None
 
 
 def hand_over(label: str) -> None:
-    """Let the other task of the running `Interleave` compute until it hands back; a no-op
-    outside one, or when the other task has finished."""
+    """Let the other task of the running `Interleave` compute until it hands back, then run
+    this task's `before_waiting` work; a no-op outside an Interleave. The caller waits for its
+    transfer after it."""
     if _active is not None:
         _active.hand_over(label)
+
+
+def before_waiting(work: Callable[[], None]) -> None:
+    """Have the running task of the active `Interleave` call `work` each time it is about to
+    wait for a transfer (work that needs none, such as deferred weight gradients)."""
+    _active.before_waiting[_active.holder] = work
 
 
 class Interleave:
@@ -57,23 +64,25 @@ class Interleave:
     def __init__(self, names: tuple[str, str]):
         self.names = names
         self.handovers: list[tuple[str, str]] = []
+        self.before_waiting: list[Callable[[], None] | None] = [None, None]
         self._turn = threading.Condition()
-        self._holder = 0
+        self.holder = 0  # the task that runs
         self._running = [True, True]
 
     def hand_over(self, label: str) -> None:
         with self._turn:
-            mine = self._holder
-            if not self._running[1 - mine]:
-                return
-            self.handovers.append((self.names[mine], label))
-            self._holder = 1 - mine
-            self._turn.notify_all()
-            self._turn.wait_for(lambda: self._holder == mine)
+            mine = self.holder
+            if self._running[1 - mine]:
+                self.handovers.append((self.names[mine], label))
+                self.holder = 1 - mine
+                self._turn.notify_all()
+                self._turn.wait_for(lambda: self.holder == mine)
+        if self.before_waiting[mine] is not None:
+            self.before_waiting[mine]()
 
     def _run_task(self, index: int, task: Callable, results: list, errors: list) -> None:
         with self._turn:
-            self._turn.wait_for(lambda: self._holder == index)
+            self._turn.wait_for(lambda: self.holder == index)
         try:
             results[index] = task()
         except BaseException as error:  # re-raised by run() on the caller's thread
@@ -81,7 +90,7 @@ class Interleave:
         finally:
             with self._turn:
                 self._running[index] = False
-                self._holder = 1 - index
+                self.holder = 1 - index
                 self._turn.notify_all()
 
     def run(self, main: Callable, side: Callable, first: int) -> tuple:
@@ -89,7 +98,7 @@ class Interleave:
         if _active is not None:
             raise RuntimeError("an Interleave is already running in this process: FB steps do not nest.")
         results, errors = [None, None], [None, None]
-        self._holder = first
+        self.holder = first
         modes = torch.overrides._get_current_function_mode_stack()
         device = torch.cuda.current_device() if torch.cuda.is_available() else None
 

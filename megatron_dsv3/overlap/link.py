@@ -24,8 +24,10 @@ CPU, as a NIC would not, and costs the computing thread only what it waits for a
 gloo still makes an all-to-all wait for its last peer to issue, as a real one would.
 
 The clock (`totals()`) keeps, per label ("dispatch", "combine", their backwards, "p2p"):
-operations, bytes sent to other ranks, rows sent, communication time (issue to done) and time
-blocked (what callers spent in `wait()` and in receives). The executor reads it around each
+operations, bytes sent to other ranks, rows sent, bytes on the (emulated) wire, communication
+time and time blocked (what callers spent in `wait()` and in receives). A transfer's
+communication time is, emulated, its own time on the link (bytes / bandwidth + latency; not
+the time it queued behind another), else from issue to completion as seen by its waiter. The executor reads it around each
 action: the timeline's compute versus blocked time (pipeline/dualpipe.py).
 """
 
@@ -82,7 +84,8 @@ class Totals:
     operations: int = 0
     bytes_sent: int = 0  # to other ranks
     rows_sent: int = 0  # all-to-all rows (token copies) sent to other ranks
-    comm_s: float = 0.0  # issue to done, summed over operations
+    wire_bytes: int = 0  # what an emulated link carries: an all-to-all's larger direction, a send's tensor
+    comm_s: float = 0.0  # emulated: bytes / bandwidth + latency (queueing excluded); real: issue to done
     blocked_s: float = 0.0  # callers' time in wait() and in receives
 
 
@@ -99,6 +102,10 @@ class _Port:
             start = max(issued, self._free_at)
             self._free_at = start + self.spec.transfer_s(nbytes)
             return self._free_at + self.spec.latency_us * 1e-6
+
+    def service_s(self, nbytes: int) -> float:
+        """A transfer's own time on the link: bytes / bandwidth + latency, queueing excluded."""
+        return self.spec.transfer_s(nbytes) + self.spec.latency_us * 1e-6
 
 
 _port: _Port | None = None
@@ -145,12 +152,13 @@ class Transfer:
     """An issued all-to-all or send; `wait()` returns once its data has arrived (and, on an
     emulated link, no earlier than its modelled `done` time)."""
 
-    def __init__(self, works: list, label: str, what: str, issued: float, done_at: float | None, keep=()):
+    def __init__(self, works: list, label: str, what: str, issued: float, done_at: float | None, service_s: float | None, keep=()):
         self._works = works
         self._label = label
         self._what = what
         self._issued = issued
         self._done_at = done_at
+        self._service_s = service_s
         self._keep = keep  # tensors that must live until the transfer is done
         self._waited = False
 
@@ -174,9 +182,8 @@ class Transfer:
             ) from error
         real_done = entered if already_done else time.time()  # at the latest
         _sleep_until(self._done_at)
-        left = time.time()
-        done = max(real_done, self._done_at or real_done)
-        _add(self._label, comm_s=done - self._issued, blocked_s=left - entered)
+        comm = self._service_s if self._service_s is not None else real_done - self._issued
+        _add(self._label, comm_s=comm, blocked_s=time.time() - entered)
         self._waited = True
         self._keep = ()
 
@@ -194,24 +201,24 @@ def all_to_all(output: torch.Tensor, input: torch.Tensor, output_split_sizes: li
     rows_out = _rows_to_others(input_split_sizes, rank)
     nbytes = row_bytes * max(rows_out, _rows_to_others(output_split_sizes, rank))
     work = dist.all_to_all_single(output, input, output_split_sizes, input_split_sizes, group=group, async_op=True)
-    done_at = _port.done_time(nbytes, issued) if _port is not None else None
-    _add(label, operations=1, bytes_sent=row_bytes * rows_out, rows_sent=rows_out)
+    done_at, service_s = (_port.done_time(nbytes, issued), _port.service_s(nbytes)) if _port is not None else (None, None)
+    _add(label, operations=1, bytes_sent=row_bytes * rows_out, rows_sent=rows_out, wire_bytes=nbytes)
     what = f"the expert-parallel all-to-all '{label}' among global ranks {dist.get_process_group_ranks(group)}"
-    return Transfer([work], label, what, issued, done_at, keep=(input, output))
+    return Transfer([work], label, what, issued, done_at, service_s, keep=(input, output))
 
 
 def isend(tensor: torch.Tensor, dst: int, group: dist.ProcessGroup) -> Transfer:
     """Send `tensor` (contiguous) to global rank `dst` over `group`, issued now."""
     issued = time.time()
-    works, keep, done_at = [], [tensor], None
+    works, keep, done_at, service_s = [], [tensor], None, None
     if _port is not None:  # the receiver learns when the data is done arriving (module note)
-        done_at = _port.done_time(tensor.nbytes, issued)
+        done_at, service_s = _port.done_time(tensor.nbytes, issued), _port.service_s(tensor.nbytes)
         stamp = torch.tensor([done_at], dtype=torch.float64, device=tensor.device)
         works.append(dist.isend(stamp, dst=dst, group=group))
         keep.append(stamp)
     works.append(dist.isend(tensor, dst=dst, group=group))
-    _add(P2P, operations=1, bytes_sent=tensor.nbytes)
-    return Transfer(works, P2P, f"the pipeline send to global rank {dst}", issued, done_at, keep=keep)
+    _add(P2P, operations=1, bytes_sent=tensor.nbytes, wire_bytes=tensor.nbytes)
+    return Transfer(works, P2P, f"the pipeline send to global rank {dst}", issued, done_at, service_s, keep=keep)
 
 
 def recv(tensor: torch.Tensor, src: int, group: dist.ProcessGroup) -> None:

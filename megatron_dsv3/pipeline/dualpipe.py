@@ -63,12 +63,12 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.utils import get_attr_wrapped_model, get_model_config, get_pg_size
 
 from megatron_dsv3.overlap import link
-from megatron_dsv3.overlap.handover import Interleave
+from megatron_dsv3.overlap.handover import Interleave, before_waiting
 from megatron_dsv3.pipeline import schedule
 from megatron_dsv3.pipeline.comm import ACTIVATION, GRADIENT, NeighbourP2P
 from megatron_dsv3.pipeline.simulate import TimedAction, Timeline
 from megatron_dsv3.routing import expert_load_counts
-from megatron_dsv3.weight_grad import WeightGradStore, check_deferrable, enable_weight_grad_deferral
+from megatron_dsv3.weight_grad import PendingWeightGrads, WeightGradStore, check_deferrable, enable_weight_grad_deferral
 
 
 def forward_backward(
@@ -253,11 +253,15 @@ def sequential_forward_backward(*, forward_step_func, data_iterator, f_model, nu
 
 def overlapped_forward_backward(*, forward_step_func, data_iterator, f_model, num_microbatches, input_tensor, forward_data_store,
                                 b_model, b_input_tensor, b_output_tensor, b_output_tensor_grad, config, current_microbatch,
-                                is_first_microbatch, cp_group_size, collect_non_loss_data, is_last_stage, handovers=None):
+                                is_first_microbatch, cp_group_size, collect_non_loss_data, is_last_stage, handovers=None,
+                                defer_expert_weight_grads=False):
     """The FB step of `config.fb_overlap`: the same forward and backward as
     `sequential_forward_backward`, as two tasks that take turns at their expert-parallel
     all-to-alls (overlap/handover.py), the backward first. Bit for bit the same results.
-    `handovers`, a list, receives the (task, label) of every hand-over."""
+    `handovers`, a list, receives the (task, label) of every hand-over. With
+    `defer_expert_weight_grads` (the executor sets it unless DDP syncs in this backward), the
+    experts' weight GEMMs wait until the backward is about to wait for its next all-to-all, the
+    dispatch's: the report's W of the MLP, computed while that exchange is in flight."""
 
     def forward():
         return forward_step(
@@ -267,13 +271,26 @@ def overlapped_forward_backward(*, forward_step_func, data_iterator, f_model, nu
         )
 
     def backward():
-        return backward_step(b_input_tensor, b_output_tensor, b_output_tensor_grad, config)
+        if not defer_expert_weight_grads:
+            return backward_step(b_input_tensor, b_output_tensor, b_output_tensor_grad, config)
+        pending = PendingWeightGrads(only=_is_expert_weight)
+        before_waiting(pending.run)
+        with pending.capturing():
+            input_gradient = backward_step(b_input_tensor, b_output_tensor, b_output_tensor_grad, config)
+        pending.run()
+        return input_gradient
 
     interleave = Interleave(names=("forward", "backward"))
     (output, num_tokens), input_gradient = interleave.run(forward, backward, first=1)
     if handovers is not None:
         handovers += interleave.handovers
     return output, num_tokens, input_gradient
+
+
+def _is_expert_weight(weight: torch.Tensor) -> bool:
+    """A routed expert's parameter: Megatron marks them allreduce=False (they sync over the
+    expert-data-parallel group)."""
+    return not getattr(weight, "allreduce", True)
 
 
 def _overlap_hook(chunk) -> Callable | None:
@@ -485,9 +502,11 @@ class _RankExecutor:
         inputs = self._forward_inputs(f_chunk, f_microbatch)
         b_input, b_output, b_output_gradient = self._backward_inputs(b_chunk, b_microbatch)
         run = _overlap_hook(self.model[f_chunk])
-        if run is None:
-            run = (functools.partial(overlapped_forward_backward, handovers=self.handovers)
-                   if getattr(self.config, "fb_overlap", False) else sequential_forward_backward)
+        if run is None and getattr(self.config, "fb_overlap", False):
+            # DDP counts a deferred weight ready twice where it syncs (weight_grad.py): not in its last backward
+            run = functools.partial(overlapped_forward_backward, handovers=self.handovers,
+                                    defer_expert_weight_grads=not self._last(b_chunk, b_microbatch))
+        run = run or sequential_forward_backward
         with self._grad_sync_if_last(b_chunk, b_microbatch):
             output, num_tokens, input_gradient = run(
                 f_model=self.model[f_chunk], b_model=self.model[b_chunk], b_input_tensor=b_input, b_output_tensor=b_output,
@@ -497,11 +516,14 @@ class _RankExecutor:
         self._forward_done(f_chunk, f_microbatch, inputs, output, num_tokens)
         self._send(GRADIENT, self.previous[b_chunk], b_microbatch, input_gradient)
 
+    def _last(self, chunk: int, microbatch: int) -> bool:
+        return microbatch == self.placement.microbatches_of(self.rank, chunk)[-1]
+
     @contextlib.contextmanager
     def _grad_sync_if_last(self, chunk: int, microbatch: int):
         """DDP syncs a chunk's gradients during its last micro-batch's backward (B and W):
         each chunk's backwards run in micro-batch order, and so do its W's."""
-        last = microbatch == self.placement.microbatches_of(self.rank, chunk)[-1]
+        last = self._last(chunk, microbatch)
         if last:
             self.grad_sync.release()
         try:

@@ -7,7 +7,7 @@ import torch
 from megatron.core.tensor_parallel.layers import linear_with_grad_accumulation_and_async_allreduce
 
 from megatron_dsv3.fp8.linear import fp8_linear
-from megatron_dsv3.weight_grad import WeightGradStore, deferrable_linear, enable_weight_grad_deferral
+from megatron_dsv3.weight_grad import PendingWeightGrads, WeightGradStore, deferrable_linear, enable_weight_grad_deferral
 
 SEQ, MICRO_BATCH = 32, 2
 
@@ -53,6 +53,30 @@ def test_deferred_weight_gradient_of_one_linear_is_bit_identical(linear):
     if linear is _our_linear:  # the same ops as Megatron's own linear, so the same bits
         for got, want in zip(immediate, _grads(_megatron_linear, x, w, b, dy)):
             assert torch.equal(got, want)
+
+
+def test_pending_weight_gradients_defer_only_the_chosen_weights_and_equal_immediate_ones():
+    """Two linears in a row; the second's weight is deferred and computed once the backward
+    has passed it (as the FB overlap defers the experts' before the dispatch's backward)."""
+    generator = torch.Generator().manual_seed(1)
+    x, dy = torch.randn(SEQ, MICRO_BATCH, 128, generator=generator), torch.randn(SEQ, MICRO_BATCH, 128, generator=generator)
+    weights = [torch.randn(128, 128, generator=generator) for _ in range(2)]
+
+    w1, w2 = (w.clone().requires_grad_() for w in weights)
+    _our_linear(_our_linear(x, w1, None), w2, None).backward(dy)
+    immediate = w1.grad, w2.grad
+
+    w1, w2 = (w.clone().requires_grad_() for w in weights)
+    pending = PendingWeightGrads(only=lambda weight: weight is w2)
+    with pending.capturing():
+        _our_linear(_our_linear(x, w1, None), w2, None).backward(dy)
+    assert w2.grad is None and w1.grad is not None  # only w2 waits
+    pending.run()
+    assert torch.equal(w1.grad, immediate[0]) and torch.equal(w2.grad, immediate[1])
+    with pending.capturing():  # w2 used again in the same backward after its run: refused
+        _our_linear(x, w2, None).backward(dy)
+        with pytest.raises(RuntimeError, match="used again after its gradient was computed"):
+            pending.run()
 
 
 def test_w_must_follow_its_b_first_in_first_out():
