@@ -5,7 +5,7 @@ Same model, data and seed (tests/e2e/compact_loop.py); the reference is the one-
 loop (tests/e2e/conftest.py runs it, and the 2-process DualPipeV run, once per session).
   - Loss curves: per step, the LM and MTP losses and every layer's tokens per expert of the
     pipelined runs (2 and 4 processes, and 2 data-parallel replicas of a 2-rank pipeline that
-    split the experts, EP=2) equal the reference's. Bit-identity holds for the first step of one replica; later,
+    split the experts, EP=2, with the FB overlap) equal the reference's. Bit-identity holds for the first step of one replica; later,
     gradients that sum in another order (the embedding's, used by two chunks; the norm summed
     over ranks) can move the weights by an ulp, so losses are compared at 1e-6 relative.
   - DualPipe PP=2 x EP=2 on 4 processes: the same loss curve, and a resume from a checkpoint
@@ -35,7 +35,7 @@ def test_dualpipev_loss_curve_matches_single_process(compact_runs, processes, pp
     run_dir = compact_runs / f"pp{pp}" if processes == pp else compact_runs / f"dp{processes // pp}pp{pp}ep2"
     if (processes, pp) != (2, 2):
         microbatches = str(8 * pp // processes)  # the same global batch
-        experts = ("--ep", "2") if processes > pp else ()
+        experts = ("--ep", "2", "--fb-overlap") if processes > pp else ()  # FB overlapped at the all-to-alls: the same numbers
         _run(run_dir, processes, "--pipeline-schedule", "dualpipev", "--pp", str(pp), "--num-microbatches", microbatches, *experts)
     reference, pipelined = _records(compact_runs / "single"), _records(run_dir)
     assert [r["step"] for r in pipelined] == list(range(1, STEPS + 1))
