@@ -63,7 +63,7 @@ from megatron_dsv3.pipeline.dualpipe import TimelineRecorder
 from megatron_dsv3.pipeline.registry import SCHEDULES
 from megatron_dsv3.pipeline.simulate import Costs, simulate_schedule
 from megatron_dsv3.routing import expert_load_counts, finalize_model_grads_with_load
-from megatron_dsv3.training.forward_step import forward_step
+from megatron_dsv3.training.forward_step import forward_step, random_microbatches
 
 DUALPIPEV = SCHEDULES["dualpipev"]
 EXPOSED_TARGET, RATIO_TARGET = 0.10, 0.65
@@ -232,7 +232,8 @@ def _worker(rank: int, layout: Layout, setup: OverlapSetup, port: int, queue) ->
               for chunk in DUALPIPEV.build_chunks(config, pp_rank, layout.pipeline_size, list(layout.layers_per_stage))]
     config.no_sync_func = [chunk.no_sync for chunk in chunks]
     config.finalize_model_grads_func = finalize_model_grads_with_load
-    batches = _microbatches(setup, config.vocab_size, parallel_state.get_data_parallel_rank())
+    batches = random_microbatches(setup.seed * 1000 + parallel_state.get_data_parallel_rank(), setup.num_microbatches,
+                                  setup.micro_batch_size, setup.seq_length, config.vocab_size)  # one stream per replica
 
     def step(overlapped: bool) -> tuple[float, list]:
         config.fb_overlap = overlapped
@@ -266,17 +267,6 @@ def _worker(rank: int, layout: Layout, setup: OverlapSetup, port: int, queue) ->
     if rank == 0:
         queue.put(_summary(layout, setup, spec, calibration, gathered))
     torch.distributed.destroy_process_group()
-
-
-def _microbatches(setup: OverlapSetup, vocab_size: int, replica: int) -> list[dict]:
-    generator = torch.Generator().manual_seed(setup.seed * 1000 + replica)
-    b, s = setup.micro_batch_size, setup.seq_length
-    batches = []
-    for _ in range(setup.num_microbatches):
-        tokens = torch.randint(0, vocab_size, (b, s), generator=generator)
-        batches.append({"tokens": tokens, "labels": torch.roll(tokens, -1, 1), "loss_mask": torch.ones(b, s),
-                        "position_ids": torch.arange(s).expand(b, s)})
-    return batches
 
 
 def _calibrate(setup: OverlapSetup, chunks, sequential_step) -> tuple[LinkSpec, dict]:

@@ -56,7 +56,7 @@ from megatron_dsv3 import cpu
 from megatron_dsv3.config import preset
 from megatron_dsv3.distributed import free_port, init_distributed, local_process_env, seed_everything
 from megatron_dsv3.pipeline.registry import SCHEDULES
-from megatron_dsv3.training.forward_step import forward_step
+from megatron_dsv3.training.forward_step import forward_step, random_microbatches
 
 DUALPIPEV = SCHEDULES["dualpipev"]
 
@@ -155,7 +155,8 @@ def _worker(rank: int, setup: PeersSetup, port: int, queue) -> None:
         pipeline_model_parallel_size=setup.num_ranks, pipeline_dtype=torch.float32,
     )
     cpu.enable(config)
-    microbatches = _microbatches(setup, config.vocab_size)
+    microbatches = random_microbatches(setup.seed, setup.num_microbatches, setup.micro_batch_size, setup.seq_length,
+                                       config.vocab_size)
     group = parallel_state.get_pipeline_model_parallel_group()
     builders = {"ours_dualpipev": _ours_dualpipev, "torch_dualpipev": _torch_dualpipev, "torch_1f1b": _torch_1f1b}
     schedules = {name: builders[name](config, rank, setup, microbatches, group) for name in SCHEDULE_NAMES}
@@ -163,18 +164,6 @@ def _worker(rank: int, setup: PeersSetup, port: int, queue) -> None:
     if rank == 0:
         queue.put(results)
     torch.distributed.destroy_process_group()
-
-
-def _microbatches(setup: PeersSetup, vocab_size: int) -> list[dict]:
-    """The M micro-batches of the global batch, as Megatron's forward_step reads them."""
-    generator = torch.Generator().manual_seed(setup.seed)
-    b, s = setup.micro_batch_size, setup.seq_length
-    batches = []
-    for _ in range(setup.num_microbatches):
-        tokens = torch.randint(0, vocab_size, (b, s), generator=generator)
-        batches.append({"tokens": tokens, "labels": torch.roll(tokens, -1, 1), "loss_mask": torch.ones(b, s),
-                        "position_ids": torch.arange(s).expand(b, s)})
-    return batches
 
 
 @dataclasses.dataclass

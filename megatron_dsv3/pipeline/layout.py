@@ -219,7 +219,8 @@ def single_process_model(config) -> GPTModel:
     """The whole single-process model of `config`, built on this rank with the caller's RNG: all
     layers (pipeline rank / size read as 0 / 1), MTP included, and all experts (an expert-parallel
     group of one: Megatron's MoE layer sizes its experts by the group it is given)."""
-    single = dataclasses.replace(config, pipeline_model_parallel_size=1, expert_model_parallel_size=1)
+    single = dataclasses.replace(config, pipeline_model_parallel_size=1, expert_model_parallel_size=1,
+                                 **({"fb_overlap": False} if getattr(config, "fb_overlap", False) else {}))  # it runs no FB
     groups = ProcessGroupCollection.use_mpu_process_groups()
     groups.ep = None  # Megatron's get_pg_size(None) is 1
     with _AsSingleProcess():

@@ -31,3 +31,15 @@ def forward_step(data_iterator, model):
     )
     per_token_loss = model(tokens, position_ids, None, labels=labels, loss_mask=loss_mask)
     return per_token_loss, partial(loss_func, loss_mask)
+
+
+def random_microbatches(seed: int, count: int, micro_batch_size: int, seq_length: int, vocab_size: int) -> list[dict]:
+    """`count` micro-batches of uniform random tokens, next-token labels, every token counted,
+    as `forward_step` reads them (the benchmarks' data)."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        tokens = torch.randint(0, vocab_size, (micro_batch_size, seq_length), generator=generator)
+        batches.append({"tokens": tokens, "labels": torch.roll(tokens, -1, 1), "loss_mask": torch.ones(micro_batch_size, seq_length),
+                        "position_ids": torch.arange(seq_length).expand(micro_batch_size, seq_length)})
+    return batches

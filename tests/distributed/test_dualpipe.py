@@ -11,14 +11,21 @@ forward-only losses.
 The first step also records its timeline: the actions each rank ran are its order.
 
 Expert parallelism (EP=2): P x 2 processes, two data-parallel replicas of the pipeline that
-split every MoE layer's experts (Megatron's alltoall dispatcher); replica d runs micro-batches
+split every MoE layer's experts (overlap/dispatch.py's alltoall dispatcher); replica d runs micro-batches
 d, d + 2, ... of the single process's 2M. Each replica's losses equal the single process's of
 its micro-batches within 1e-6 relative, most of them bit for bit: a token meets the same
 weights wherever its experts live, but an expert's GEMM now runs over the tokens of both
 replicas' micro-batches, and the CPU GEMM's blocking, so the order of a row's sums, depends on
 the number of rows below about 12 (measured with torch 2.14). The expert biases are
-bit-identical (integer token counts summed over the replicas). The gradients are the two replicas' sums added (DDP's all-reduce), in another order than the single
-process adds its 2M micro-batches: every one within 1e-6 relative to its largest entry.
+bit-identical (integer token counts summed over the replicas). The gradients are the two
+replicas' sums added (DDP's all-reduce), in another order than the single process adds its 2M
+micro-batches: every one within 1e-6 relative to its largest entry.
+
+The FB overlap (config.fb_overlap, docs/overlap.md): at EP=2 the DualPipeV runs (P = 1, 2)
+train a second time from the same weights with FB steps overlapped, which must equal the
+sequential run bit for bit (losses, forward-only losses, every gradient, biases, loads); the
+DualPipe run (P = 2) trains overlapped only. In every overlapped run the FB actions must have
+handed over at the all-to-alls, the backward first and the two tasks in turn.
 
 DualPipeV: bit-identical except one tensor, the word embedding's gradient. Its embedding is shared by
 the decoder input (rank 0, chunk 0) and the MTP block (rank 0, chunk 1); the single process
@@ -145,7 +152,7 @@ def _backward_first(calls: list):
 
 
 def _pipeline_main(rank: int, port: int, schedule_name: str, pp_size: int, ep_size: int, num_layers: int, num_microbatches: int,
-                   overlap: bool, layers_per_stage, out_dir: str):
+                   overlap: bool, layers_per_stage, fb: str, out_dir: str):
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
@@ -165,9 +172,10 @@ def _pipeline_main(rank: int, port: int, schedule_name: str, pp_size: int, ep_si
     chunks = [DistributedDataParallel(config, DistributedDataParallelConfig(overlap_grad_reduce=overlap), chunk)
               for chunk in schedule.build_chunks(config, pp_rank, pp_size, layers_per_stage)]
     overlap_calls = []
-    if schedule_name == "dualpipe":  # FB actions through a chunk's own hook
+    if schedule_name == "dualpipe" and fb == "sequential":  # FB actions through a chunk's own hook
         for chunk in chunks:
             chunk.module.overlapped_forward_backward = _backward_first(overlap_calls)
+    config.fb_overlap = fb == "overlapped"
     stages = [stage for _, stage in schedule.stages(pp_size)[pp_rank]]
     offsets = [layout.stage_layers(num_layers, schedule.num_stages(pp_size), stage, layers_per_stage).start for stage in stages]
     initial = [{k: v.clone() for k, v in chunk.module.state_dict().items() if isinstance(v, torch.Tensor)} for chunk in chunks]
@@ -182,15 +190,15 @@ def _pipeline_main(rank: int, port: int, schedule_name: str, pp_size: int, ep_si
         return result
 
     result = two_steps()
-    if ep_size > 1:  # the same again from the same weights, FB overlapped at the all-to-alls
+    if fb == "both":  # the same again from the same weights, FB overlapped at the all-to-alls
         for chunk, state in zip(chunks, initial):
             chunk.module.load_state_dict(state, strict=False)
-            chunk.module.__dict__.pop("overlapped_forward_backward", None)
         config.fb_overlap = True
-        overlapped = two_steps()
-        result["fb_overlap"] = {key: overlapped[key] for key in ("losses", "eval_losses", "biases", "loads", "grads")}
-        result["fb_overlap"]["handovers"] = [(str(r.action), r.handovers) for r in overlapped["timeline"].records
-                                             if r.rank == parallel_state.get_pipeline_model_parallel_rank()]
+        result["fb_overlap"] = two_steps()
+    if fb != "sequential":
+        overlapped = result.get("fb_overlap", result)
+        overlapped["handovers"] = [(str(r.action), r.handovers) for r in overlapped["timeline"].records if r.rank == pp_rank]
+        result.get("fb_overlap", {}).pop("timeline", None)
     result["place"] = (pp_rank, parallel_state.get_data_parallel_rank())
     result["overlap_calls"] = overlap_calls
     if rank == 0:
@@ -212,23 +220,24 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # P = 1: the V turns on the rank that computes the loss. overlap_grad_reduce: DDP then syncs
 # a chunk's gradients only when its last backward runs outside no_sync. EP = 2: P x 2 processes.
+# fb: how FB actions run: "sequential" (DualPipe's through the chunks' own hook), "overlapped"
+# (config.fb_overlap), or "both": sequential, then overlapped from the same weights, compared.
 @pytest.mark.parametrize(
-    "schedule_name, pp_size, ep_size, num_layers, num_microbatches, overlap, layers_per_stage",
+    "schedule_name, pp_size, ep_size, num_layers, num_microbatches, overlap, layers_per_stage, fb",
     [
-        ("dualpipev", 1, 2, 2, 3, True, None),
-        ("dualpipev", 2, 2, 6, 8, True, [1, 2, 2, 1]),
-        ("dualpipe", 2, 2, 4, 12, True, None),
-        pytest.param("dualpipev", 4, 1, 8, 12, False, None, marks=pytest.mark.slow),
-        pytest.param("dualpipe", 4, 1, 6, 8, False, [1, 2, 2, 1], marks=pytest.mark.slow),
+        ("dualpipev", 1, 2, 2, 3, True, None, "both"),
+        ("dualpipev", 2, 2, 6, 6, True, [1, 2, 2, 1], "both"),
+        ("dualpipe", 2, 2, 4, 8, True, None, "overlapped"),
+        pytest.param("dualpipe", 4, 1, 6, 8, False, [1, 2, 2, 1], "sequential", marks=pytest.mark.slow),
     ],
 )
-def test_matches_single_process(tmp_path, schedule_name, pp_size, ep_size, num_layers, num_microbatches, overlap, layers_per_stage):
+def test_matches_single_process(tmp_path, schedule_name, pp_size, ep_size, num_layers, num_microbatches, overlap, layers_per_stage, fb):
     from megatron_dsv3.pipeline.schedule import dualpipe_order, dualpipev_order
 
     mp.spawn(_reference_main, args=(free_port(), num_layers, num_microbatches * ep_size, overlap, str(tmp_path / "ref.pt")),
              nprocs=1, join=True)
     mp.spawn(_pipeline_main, args=(free_port(), schedule_name, pp_size, ep_size, num_layers, num_microbatches, overlap,
-                                   layers_per_stage, str(tmp_path)), nprocs=pp_size * ep_size, join=True)
+                                   layers_per_stage, fb, str(tmp_path)), nprocs=pp_size * ep_size, join=True)
     reference = torch.load(tmp_path / "ref.pt", weights_only=True)
     ranks = _gathered(pp_size * ep_size, str(tmp_path))
     mirrored = schedule_name == "dualpipe"
@@ -295,30 +304,21 @@ def test_matches_single_process(tmp_path, schedule_name, pp_size, ep_size, num_l
             assert all(start <= end for _, _, start, end in records)
             assert all(a[3] <= b[2] for a, b in zip(records, records[1:]))
     assert (tmp_path / "timeline.png").stat().st_size > 0
-    if ep_size > 1:
-        _check_fb_overlap(ranks)
-    if mirrored:  # the FB actions of both steps went through the chunks' own hook
+    if fb != "sequential":
+        _check_fb_overlap(ranks, compare=fb == "both")
+    if mirrored and fb == "sequential":  # the FB actions of both steps went through the chunks' own hook
         for result in ranks:
             fb = [a for a in order[result["place"][0]] if a.kind == "FB"]
             assert fb and result["overlap_calls"] == [a.microbatch for a in fb] * 2
 
 
-def _check_fb_overlap(ranks: list[dict]) -> None:
-    """The FB-overlapped run (config.fb_overlap) equals the sequential one bit for bit, and
-    its FB actions did hand over at the all-to-alls: the backward first, then the two tasks in
-    turn, each at its own exchanges in their order (forward: dispatch, combine; backward:
-    combine's, then dispatch's backward)."""
+def _check_fb_overlap(ranks: list[dict], compare: bool) -> None:
+    """The FB-overlapped run's FB actions (config.fb_overlap) handed over at the all-to-alls:
+    the backward first, then the two tasks in turn, each at its own exchanges in their order
+    (forward: dispatch, combine; backward: combine's, then dispatch's backward). With
+    `compare`, the overlapped run equals the sequential one bit for bit."""
     for result in ranks:
-        overlapped = result["fb_overlap"]
-        for key in ("losses", "eval_losses"):
-            assert len(overlapped[key]) == len(result[key])
-            for got, want in zip(overlapped[key], result[key]):
-                assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), key
-        assert overlapped["grads"].keys() == result["grads"].keys()
-        assert all(torch.equal(overlapped["grads"][n], g) for n, g in result["grads"].items())
-        for step in range(2):
-            assert overlapped["loads"][step] == result["loads"][step]
-            assert all(torch.equal(overlapped["biases"][step][n], b) for n, b in result["biases"][step].items())
+        overlapped = result.get("fb_overlap", result)
         fb = [handovers for action, handovers in overlapped["handovers"] if "&" in action]
         assert any(fb), "the FB actions handed over"  # those of two dense-only chunks have nothing to hand over at
         cycles = {"backward": ("combine backward", "dispatch backward"), "forward": ("dispatch", "combine")}
@@ -328,6 +328,17 @@ def _check_fb_overlap(ranks: list[dict]) -> None:
             for task, labels in cycles.items():
                 mine = [h.split(": ")[1] for h in handovers if h.startswith(task)]
                 assert mine == [labels[i % 2] for i in range(len(mine))], handovers
+        if not compare:
+            continue
+        for key in ("losses", "eval_losses"):
+            assert len(overlapped[key]) == len(result[key])
+            for got, want in zip(overlapped[key], result[key]):
+                assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), key
+        assert overlapped["grads"].keys() == result["grads"].keys()
+        assert all(torch.equal(overlapped["grads"][n], g) for n, g in result["grads"].items())
+        for step in range(2):
+            assert overlapped["loads"][step] == result["loads"][step]
+            assert all(torch.equal(overlapped["biases"][step][n], b) for n, b in result["biases"][step].items())
 
 
 def _invalid_main(rank: int, port: int, out_dir: str):

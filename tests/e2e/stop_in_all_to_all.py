@@ -1,6 +1,6 @@
 """`python -m megatron_dsv3.training`, except that global rank 1 stops itself (SIGSTOP: alive,
-sockets open, answering nothing) as it enters its STOP_AT_CALL-th all-to-all of the run (the
-expert-parallel dispatch or combine, Megatron's alltoall dispatcher): its peer is then blocked in
+sockets open, answering nothing) as it enters its STOP_AT_CALL-th all-to-all of the run (an
+expert-parallel dispatch or combine, issued by overlap/link.py): its peer is then blocked in
 the matching all-to-all. Run under torchrun by tests/e2e/test_train_reliability.py."""
 
 import os
@@ -25,5 +25,5 @@ def _stop_then_all_to_all(*args, **kwargs):
 
 
 if __name__ == "__main__":
-    torch.distributed.all_to_all_single = _stop_then_all_to_all  # Megatron's mappings look it up per call
+    torch.distributed.all_to_all_single = _stop_then_all_to_all  # overlap/link.py looks it up per call
     sys.exit(main(sys.argv[1:]))

@@ -89,6 +89,31 @@ def _workers(job: subprocess.Popen) -> dict[str, psutil.Process]:
     return workers
 
 
+def _rank0_failure_after_rank1_stops(command: list[str], rank1_stopped) -> tuple[int, float, str]:
+    """Run `command` (torchrun, 2 workers) until `rank1_stopped(job, workers)` returns True (it
+    may stop rank 1 itself); then time rank 0's exit. Returns its exit code, the seconds it took
+    and the job's output; every worker is resumed and killed after."""
+    env = {**compact.child_env(), "TORCHDYNAMO_DISABLE": "1"}  # no first-call compile racing the short timeout
+    job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    workers = {}
+    try:
+        deadline = time.monotonic() + 300
+        while not rank1_stopped(job, workers):
+            assert job.poll() is None and time.monotonic() < deadline, "the job ended before rank 1 stopped"
+            time.sleep(0.1)
+            workers = _workers(job)
+        start = time.monotonic()
+        exit_code = workers["0"].wait(timeout=BOUND_S)
+        took = time.monotonic() - start
+    finally:
+        if "1" in workers and workers["1"].is_running():
+            workers["1"].send_signal(signal.SIGCONT)
+        for process in psutil.Process(job.pid).children(recursive=True):
+            process.kill()
+        job.kill()
+    return exit_code, took, job.communicate()[0]
+
+
 def test_a_stopped_peer_ends_the_job_after_the_timeout(tmp_path):
     """DualPipeV on 2 processes; once step 1 is logged, rank 1 is stopped (SIGSTOP: alive, sockets
     open, answering nothing). Rank 0 must fail on the timeout within the bound (torchrun then
@@ -97,27 +122,15 @@ def test_a_stopped_peer_ends_the_job_after_the_timeout(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "megatron_dsv3.training",
                *TINY, "--set", "num_layers=4", "--num-microbatches", "4", "--steps", "50", "--pipeline-schedule", "dualpipev",
                "--pp", "2", "--run-dir", str(run_dir), "--distributed-timeout-minutes", str(TIMEOUT_MINUTES)]
-    env = {**compact.child_env(), "TORCHDYNAMO_DISABLE": "1"}  # no first-call compile racing the short timeout
-    job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    stopped = None
-    try:
-        deadline = time.monotonic() + 300
-        while not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text():
-            assert job.poll() is None and time.monotonic() < deadline, "the job ended before its first step"
-            time.sleep(0.2)
-        workers = _workers(job)
-        stopped, failing = workers["1"], workers["0"]
-        stopped.send_signal(signal.SIGSTOP)
-        start = time.monotonic()
-        exit_code = failing.wait(timeout=BOUND_S)
-        took = time.monotonic() - start
-    finally:
-        if stopped is not None and stopped.is_running():
-            stopped.send_signal(signal.SIGCONT)
-        for process in psutil.Process(job.pid).children(recursive=True):
-            process.kill()
-        job.kill()
-    output, _ = job.communicate()
+
+    def stop_after_step_1(job, workers) -> bool:
+        metrics = run_dir / "metrics.jsonl"
+        if "1" not in workers or not metrics.exists() or not metrics.read_text():
+            return False
+        workers["1"].send_signal(signal.SIGSTOP)
+        return True
+
+    exit_code, took, output = _rank0_failure_after_rank1_stops(command, stop_after_step_1)
     assert exit_code != 0
     # blocked in a pipeline receive (our error, naming the flag) or in a collective (gloo's)
     assert "pipeline rank 0: receiving" in output or f"Timed out waiting {int(TIMEOUT_MINUTES * 60_000)}ms" in output, output[-3000:]
@@ -131,31 +144,11 @@ def test_a_peer_stopped_in_an_all_to_all_ends_the_job_after_the_timeout(tmp_path
     """EP=2 on 2 processes; rank 1 stops itself as it enters an all-to-all of the first steps
     (stop_in_all_to_all.py). Rank 0, waiting in the same all-to-all, must fail on gloo's
     timeout within the bound, with the error naming the all-to-all and the flag."""
-    run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(STOP_IN_ALL_TO_ALL),
-               *TINY, "--set", "num_layers=2", "--steps", "50", "--ep", "2", "--run-dir", str(run_dir),
+               *TINY, "--set", "num_layers=2", "--steps", "50", "--ep", "2", "--run-dir", str(tmp_path / "run"),
                "--distributed-timeout-minutes", str(TIMEOUT_MINUTES)]
-    env = {**compact.child_env(), "TORCHDYNAMO_DISABLE": "1"}
-    job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    stopped = None
-    try:
-        deadline = time.monotonic() + 300
-        while stopped is None:
-            assert job.poll() is None and time.monotonic() < deadline, "the job ended before rank 1 stopped"
-            workers = _workers(job)
-            if "1" in workers and workers["1"].status() == psutil.STATUS_STOPPED:
-                stopped, failing = workers["1"], workers["0"]
-            time.sleep(0.1)
-        start = time.monotonic()
-        exit_code = failing.wait(timeout=BOUND_S)
-        took = time.monotonic() - start
-    finally:
-        if stopped is not None and stopped.is_running():
-            stopped.send_signal(signal.SIGCONT)
-        for process in psutil.Process(job.pid).children(recursive=True):
-            process.kill()
-        job.kill()
-    output, _ = job.communicate()
+    exit_code, took, output = _rank0_failure_after_rank1_stops(
+        command, lambda job, workers: "1" in workers and workers["1"].status() == psutil.STATUS_STOPPED)
     assert exit_code != 0
     assert "rank 1: stopping itself in an all-to-all" in output
     rank0 = "\n".join(line for line in output.splitlines() if line.startswith("[rank0]"))
