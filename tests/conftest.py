@@ -1,11 +1,22 @@
-"""One gloo process group and Megatron's parallel state for the single-process tests."""
+"""One gloo process group and Megatron's parallel state for the single-process tests.
 
-import pytest
-import torch
-from megatron.core import parallel_state
+TorchDynamo is off for the whole suite and every process it starts (the environment is
+inherited): Megatron compiles its fused functions (`jit_fuser`, the router's among them) on
+their first call in each process, seconds per process, paid again by each of the suite's dozens of spawned and
+torchrun processes. Every comparison here is between runs in the same mode; the compiled path
+runs in `make demo`.
+"""
 
-from megatron_dsv3 import cpu
-from megatron_dsv3.distributed import init_distributed
+import os
+
+os.environ["TORCHDYNAMO_DISABLE"] = "1"  # before torch is imported (the module note)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from megatron.core import parallel_state  # noqa: E402
+
+from megatron_dsv3 import cpu  # noqa: E402
+from megatron_dsv3.distributed import init_distributed  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -14,7 +14,7 @@ micro-batches without an optimizer step (every step computes the same kind of wo
 The two chunks of an FB step then have as many all-to-alls each: a hand-over finds the
 other micro-batch with a segment to compute.
 
-The link (overlap/link.py). Unless `--link GBPS,LATENCY_US` is given, it is chosen so that
+The link (overlap/link.py). Unless `--emulate-link GBPS,LATENCY_US` is given, it is chosen so that
 a layer's all-to-all time matches its compute: on the real (unemulated) transport, each rank
 times one of its MoE decoder layers alone, forward and backward on one micro-batch (wall time
 minus time blocked), and counts in one sequential step the wire bytes of its MoE layers' four
@@ -58,7 +58,7 @@ from megatron_dsv3.config import preset
 from megatron_dsv3.distributed import free_port, init_distributed, local_process_env, seed_everything
 from megatron_dsv3.overlap import link
 from megatron_dsv3.overlap.dispatch import DISPATCH, exchange_rows
-from megatron_dsv3.overlap.link import LinkSpec
+from megatron_dsv3.overlap.link import LinkSpec, link_flag
 from megatron_dsv3.pipeline.dualpipe import TimelineRecorder
 from megatron_dsv3.pipeline.registry import SCHEDULES
 from megatron_dsv3.pipeline.simulate import Costs, simulate_schedule
@@ -128,9 +128,9 @@ def run(setup: OverlapSetup) -> dict:
         queue = mp.get_context("spawn").SimpleQueue()
         mp.spawn(_worker, args=(layout, setup, free_port(), queue), nprocs=layout.processes, join=True)
         layouts[name] = queue.get()
-    queue = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_bytes_worker, args=(free_port(), queue), nprocs=2, join=True)
-    payload = queue.get()
+    payload = next(iter(layouts.values())).pop("bytes_per_token_copy")
+    for row in layouts.values():
+        row.pop("bytes_per_token_copy", None)
     return {
         "benchmark": "overlap",
         "setup": {"num_microbatches": setup.num_microbatches, "micro_batch_size": setup.micro_batch_size,
@@ -181,26 +181,19 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--micro-batch-size", type=int, default=2, help="sequences per micro-batch (default: 2)")
     parser.add_argument("--seq-length", type=int, default=64, help="tokens per sequence (default: 64)")
     parser.add_argument("--steps", type=int, default=3, help="timed rounds of one step per mode (default: 3)")
-    parser.add_argument("--link", type=_link, default=None, metavar="GBPS,LATENCY_US",
-                        help="the emulated link (default: matched to the measured compute, the design note)")
+    parser.add_argument("--emulate-link", type=link_flag, default=None, metavar="GBPS,LATENCY_US",
+                        help="the emulated link (default: one matched to a MoE layer's measured compute, docs/overlap.md)")
     parser.add_argument("--comm-compute-ratio", type=float, default=1.0,
-                        help="without --link: all-to-all time over compute time the link is chosen for (default: 1.0)")
-    parser.add_argument("--latency-us", type=float, default=20.0, help="without --link: its latency (default: 20)")
+                        help="without --emulate-link: all-to-all time over compute time the link is chosen for (default: 1.0)")
+    parser.add_argument("--latency-us", type=float, default=20.0, help="without --emulate-link: its latency (default: 20)")
     parser.set_defaults(main=main)
-
-
-def _link(text: str) -> LinkSpec:
-    try:
-        return LinkSpec.parse(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def main(args: argparse.Namespace) -> int:
     try:
         setup = OverlapSetup(layouts=tuple(args.layouts), num_microbatches=args.microbatches, micro_batch_size=args.micro_batch_size,
                              seq_length=args.seq_length, timed_steps=args.steps, comm_compute_ratio=args.comm_compute_ratio,
-                             latency_us=args.latency_us, link=args.link)
+                             latency_us=args.latency_us, link=args.emulate_link)
     except ValueError as error:
         print(f"overlap: {error}", file=sys.stderr)
         return 2
@@ -262,10 +255,11 @@ def _worker(rank: int, layout: Layout, setup: OverlapSetup, port: int, queue) ->
             steps[mode].append((seconds, [r for r in records if r.rank == pp_rank]))
             say(f"round {index + 1}/{setup.timed_steps} {mode}: {seconds:.3f} s")
     link.emulate(None)
+    payload = _bytes_per_token_copy(parallel_state.get_expert_model_parallel_group(), config.hidden_size)
     gathered = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, steps)
     if rank == 0:
-        queue.put(_summary(layout, setup, spec, calibration, gathered))
+        queue.put({**_summary(layout, setup, spec, calibration, gathered), "bytes_per_token_copy": payload})
     torch.distributed.destroy_process_group()
 
 
@@ -366,12 +360,9 @@ def _bubble(layout: Layout, setup: OverlapSetup, gathered: list[dict]) -> dict:
             "simulated_makespan_s": simulated.makespan(), "costs": dataclasses.asdict(costs), "note": note}
 
 
-def _bytes_worker(rank: int, port: int, queue) -> None:
-    """Bytes per dispatched token copy: one exchange of the same rows in FP32, BF16 and FP8."""
-    local_process_env(rank, 2, port)
-    torch.distributed.init_process_group("gloo")
-    group = torch.distributed.new_group([0, 1])
-    hidden = preset("tiny-fp8").hidden_size
+def _bytes_per_token_copy(group, hidden: int) -> dict:
+    """Bytes per dispatched token copy: one exchange of the same rows over the expert-parallel
+    group (two ranks) in FP32, BF16 and FP8, counted by the link."""
     sizes = {}
     for name, dtype, fp8 in (("fp32", torch.float32, False), ("bf16", torch.bfloat16, False), ("fp8", torch.float32, True)):
         link.reset()
@@ -379,6 +370,4 @@ def _bytes_worker(rank: int, port: int, queue) -> None:
         exchange_rows(group, [8, 8], [8, 8], rows, probs, label=DISPATCH, fp8=(fp8, False))
         sent = link.totals()[DISPATCH]
         sizes[name] = sent.bytes_sent // sent.rows_sent
-    if rank == 0:
-        queue.put({**sizes, "hidden": hidden})
-    torch.distributed.destroy_process_group()
+    return {**sizes, "hidden": hidden}

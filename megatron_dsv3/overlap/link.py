@@ -33,6 +33,7 @@ action: the timeline's compute versus blocked time (pipeline/dualpipe.py).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import threading
@@ -75,6 +76,14 @@ class LinkSpec:
 
     def transfer_s(self, nbytes: int) -> float:
         return nbytes / (self.gbps * 1e9)
+
+
+def link_flag(text: str) -> LinkSpec:
+    """The argparse type of an `--emulate-link GBPS,LATENCY_US` flag: argparse prints the reason of a bad value."""
+    try:
+        return LinkSpec.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 @dataclass

@@ -20,7 +20,10 @@ a dict), or none (it takes tokens, or it computes the loss). Each rank walks its
   FB   one micro-batch's forward with another's full backward: through the forward
        chunk's `overlapped_forward_backward` (under its DDP wrapper) when it has one, which
        takes the keyword arguments of `sequential_forward_backward` and returns what it
-       returns, (output, num_tokens, input gradient); else `sequential_forward_backward`
+       returns, (output, num_tokens, input gradient); else, with `config.fb_overlap`,
+       `overlapped_forward_backward`: the two as tasks that take turns at their
+       expert-parallel all-to-alls, the experts' weight GEMMs computed while the dispatch's
+       backward exchange is in flight (docs/overlap.md); else `sequential_forward_backward`
        runs the forward, then the backward.
 Reusing Megatron's forward_step / backward_step sets the MoE and MTP loss scales, divides
 the loss by the micro-batch count and applies `grad_scale_func`, as upstream schedules do.
@@ -32,9 +35,10 @@ loads before `finalize_model_grads` and their gradients after it (`_sum_with_mir
 copies take the same bias update and optimizer step.
 
 Timeline: pass `timeline=TimelineRecorder()` and every action's host wall-clock start and end
-is recorded; `recorder.timeline(group)` gathers them into the simulator's `Timeline`. On GPU
-the host times are those of kernel launches unless something synchronises (a blocking
-receive does); on CPU they are the work itself.
+is recorded, with its time blocked on all-to-alls and pipeline receives (overlap/link.py's
+clock) and an overlapped FB's hand-overs; `recorder.timeline(group)` gathers them into the
+simulator's `Timeline`. On GPU the host times are those of kernel launches unless something
+synchronises (a blocking receive does); on CPU they are the work itself.
 
 Failures: a rank that raises stops sending; its neighbours' receives fail at once if its
 process has exited, else after the pipeline group's timeout (comm.py), and the error spreads
@@ -391,15 +395,17 @@ class _RankExecutor:
                 enable_weight_grad_deferral(chunk)
             self.grad_sync.hold()
         for action in actions:
-            clock, start = link.totals(), time.time()
             self.handovers = []
+            if self.timeline is None:
+                self.run_action(action)
+                continue
+            clock, start = link.totals(), time.time()
             self.run_action(action)
-            if self.timeline is not None:
-                end, spent = time.time(), _spent(clock, link.totals())
-                self.timeline.records.append(TimedAction(
-                    self.rank, action, start, end, a2a_blocked=spent["a2a_blocked"], p2p_blocked=spent["p2p_blocked"],
-                    a2a_comm=spent["a2a_comm"], handovers=tuple(f"{task}: {label}" for task, label in self.handovers),
-                ))
+            end, spent = time.time(), _spent(clock, link.totals())
+            self.timeline.records.append(TimedAction(
+                self.rank, action, start, end, a2a_blocked=spent["a2a_blocked"], p2p_blocked=spent["p2p_blocked"],
+                a2a_comm=spent["a2a_comm"], handovers=tuple(f"{task}: {label}" for task, label in self.handovers),
+            ))
         self.p2p.wait_all()
         if len(self.weight_grads):
             raise RuntimeError(f"rank {self.rank}: {len(self.weight_grads)} deferred B's had no W in the order.")

@@ -19,7 +19,6 @@ bit-identically on CPU.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import json
@@ -43,7 +42,7 @@ from megatron_dsv3 import cpu
 from megatron_dsv3.config import ConfigError, DeepSeekV3Config, parse_override, preset
 from megatron_dsv3.distributed import init_distributed, seed_everything
 from megatron_dsv3.overlap import link
-from megatron_dsv3.overlap.link import LinkSpec
+from megatron_dsv3.overlap.link import LinkSpec, link_flag
 from megatron_dsv3.pipeline import layout, registry
 from megatron_dsv3.pipeline.dualpipe import TimelineRecorder
 from megatron_dsv3.pipeline.no_pipelining import forward_backward_no_pipelining
@@ -58,14 +57,6 @@ from megatron_dsv3.training.metrics import step_metrics, summarize
 from megatron_dsv3.training.monitor import MetricsLog, plot_expert_load, plot_losses
 from megatron_dsv3.training.optimizer import AdamWLowPrecisionMoments
 from megatron_dsv3.weight_grad import check_deferrable
-
-
-def _link_spec(text: str) -> LinkSpec:
-    """--emulate-link's value; argparse prints the reason of a bad one."""
-    try:
-        return LinkSpec.parse(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _option(help: str, default=dataclasses.MISSING, *, default_factory=dataclasses.MISSING, **cli):
@@ -110,7 +101,7 @@ class TrainArgs:
     emulate_link: LinkSpec | None = _option(
         "time every expert-parallel all-to-all and pipeline send as over a link of GBPS (10^9 bytes per second) and "
         "LATENCY_US microseconds, waiting off the compute thread (megatron_dsv3/overlap/link.py); e.g. 0.05,20", None,
-        type=_link_spec, metavar="GBPS,LATENCY_US")
+        type=link_flag, metavar="GBPS,LATENCY_US")
     layers_per_stage: list[int] | None = _option("uneven pipeline layout, one layer count per stage, e.g. '[1,2,2,1]'", None)
     save_interval: int = _option("write a checkpoint to RUN_DIR/checkpoints every N steps (0: never)", 0)
     resume: bool = _option("continue from RUN_DIR/checkpoints/latest", False)

@@ -18,8 +18,7 @@ from megatron_dsv3.config import preset
 
 
 @pytest.mark.slow
-def test_overlap_benchmark_reports_both_modes_on_a_matched_link(capfd, monkeypatch):
-    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")  # no compile of Megatron's fused functions: nothing here needs it
+def test_overlap_benchmark_reports_both_modes_on_a_matched_link(capfd):
     parser = argparse.ArgumentParser()
     overlap.add_parser(parser.add_subparsers())
     args = parser.parse_args(["overlap", "--layouts", "ep2", "--microbatches", "3", "--seq-length", "32", "--steps", "1"])

@@ -16,10 +16,7 @@ from megatron_dsv3.bench.pipeline_peers import SCHEDULE_NAMES
 
 
 @pytest.mark.slow
-def test_peers_measure_three_schedules_that_compute_the_same_model(capfd, monkeypatch):
-    # Skip Megatron's torch.compile of its fused functions in the spawned processes (seconds of
-    # the warm-up round on CPU); nothing checked here depends on it.
-    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
+def test_peers_measure_three_schedules_that_compute_the_same_model(capfd):
     parser = argparse.ArgumentParser()
     bench_pipeline.add_parser(parser.add_subparsers())
     args = parser.parse_args(["pipeline", "--pp", "4", "--peers", "--peers-pp", "2", "--peers-warmup", "1", "--peers-steps", "2"])

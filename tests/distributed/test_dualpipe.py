@@ -390,7 +390,6 @@ def test_layouts_reject_impossible_layer_counts():
 
 
 def _mirrors_main(rank: int, port: int, out_dir: str):
-    os.environ["TORCHDYNAMO_DISABLE"] = "1"
     from megatron_dsv3 import cpu
     from megatron_dsv3.distributed import init_distributed, local_process_env
     from megatron_dsv3.pipeline import layout

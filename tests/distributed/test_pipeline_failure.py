@@ -6,7 +6,7 @@ handling would), so rank 0 cannot learn of the failure from a closed socket: it 
 in a receive for rank 1's next activation and must give up after the pipeline group's
 timeout (`initialize_model_parallel(distributed_timeout_minutes=...)`, which a training
 launcher must set too; the default is 30 minutes). Both processes must exit non-zero within
-the bound, rank 0 on the timeout (not on rank 1's exit). torch.compile is off in both: its
+the bound, rank 0 on the timeout (not on rank 1's exit). torch.compile is off in both (tests/conftest.py): its
 first call (Megatron's fused router functions) can take longer than the short timeout, and a
 rank waiting on it would time out before the injected failure.
 """
@@ -35,7 +35,6 @@ def _batches(vocab_size: int):
 
 
 def _main(rank: int, port: int, out_dir: str):
-    os.environ["TORCHDYNAMO_DISABLE"] = "1"
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from megatron_dsv3 import cpu

@@ -93,8 +93,8 @@ def _rank0_failure_after_rank1_stops(command: list[str], rank1_stopped) -> tuple
     """Run `command` (torchrun, 2 workers) until `rank1_stopped(job, workers)` returns True (it
     may stop rank 1 itself); then time rank 0's exit. Returns its exit code, the seconds it took
     and the job's output; every worker is resumed and killed after."""
-    env = {**compact.child_env(), "TORCHDYNAMO_DISABLE": "1"}  # no first-call compile racing the short timeout
-    job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # tests/conftest.py turns TorchDynamo off: no first-call compile racing the short timeout
+    job = subprocess.Popen(command, env=compact.child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     workers = {}
     try:
         deadline = time.monotonic() + 300
