@@ -10,21 +10,24 @@ the second finalize, the expert biases and every MoE layer's tokens per expert a
 forward-only losses.
 The first step also records its timeline: the actions each rank ran are its order.
 
-Expert parallelism (EP=2): P x 2 processes, two data-parallel replicas of the pipeline that
-split every MoE layer's experts (overlap/dispatch.py's alltoall dispatcher); replica d runs micro-batches
-d, d + 2, ... of the single process's 2M. Each replica's losses equal the single process's of
+Expert parallelism (EP=2): P x DP processes, DP data-parallel replicas of the pipeline, every
+two of which split every MoE layer's experts (overlap/dispatch.py's alltoall dispatcher; DP = 4
+is expert data parallelism: each expert on two ranks); replica d runs micro-batches d, d + DP,
+... of the single process's DP x M. Each replica's losses equal the single process's of
 its micro-batches within 1e-6 relative, most of them bit for bit: a token meets the same
 weights wherever its experts live, but an expert's GEMM now runs over the tokens of both
 replicas' micro-batches, and the CPU GEMM's blocking, so the order of a row's sums, depends on
 the number of rows below about 12 (measured with torch 2.14). The expert biases are
-bit-identical (integer token counts summed over the replicas). The gradients are the two
-replicas' sums added (DDP's all-reduce), in another order than the single process adds its 2M
-micro-batches: every one within 1e-6 relative to its largest entry.
+bit-identical (integer token counts summed over the replicas). The gradients are the
+replicas' sums added (DDP's all-reduce, the experts' over their expert-data-parallel group), in
+another order than the single process adds its micro-batches: every one within 1e-6 relative
+to its largest entry.
 
-The FB overlap (config.fb_overlap, docs/overlap.md): at EP=2 the DualPipeV runs (P = 1, 2)
-train a second time from the same weights with FB steps overlapped, which must equal the
-sequential run bit for bit (losses, forward-only losses, every gradient, biases, loads); the
-DualPipe run (P = 2) trains overlapped only. In every overlapped run the FB actions must have
+The FB overlap (config.fb_overlap, docs/overlap.md): at EP=2 the DualPipeV runs with DP = 2
+(P = 1, 2) train a second time from the same weights with FB steps overlapped, which must
+equal the sequential run bit for bit (losses, forward-only losses, every gradient, biases,
+loads); the expert-data-parallel run (P = 1, DP = 4) and the DualPipe run (P = 2) train
+overlapped only. In every overlapped run the FB actions must have
 handed over at the all-to-alls, the backward first and the two tasks in turn.
 
 DualPipeV: bit-identical except one tensor, the word embedding's gradient. Its embedding is shared by
@@ -151,8 +154,8 @@ def _backward_first(calls: list):
     return overlapped_forward_backward
 
 
-def _pipeline_main(rank: int, port: int, schedule_name: str, pp_size: int, ep_size: int, num_layers: int, num_microbatches: int,
-                   overlap: bool, layers_per_stage, fb: str, out_dir: str):
+def _pipeline_main(rank: int, port: int, schedule_name: str, pp_size: int, dp_size: int, ep_size: int, num_layers: int,
+                   num_microbatches: int, overlap: bool, layers_per_stage, fb: str, out_dir: str):
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
@@ -162,7 +165,7 @@ def _pipeline_main(rank: int, port: int, schedule_name: str, pp_size: int, ep_si
     from megatron_dsv3.pipeline.registry import SCHEDULES
 
     schedule = SCHEDULES[schedule_name]
-    local_process_env(rank, pp_size * ep_size, port)
+    local_process_env(rank, pp_size * dp_size, port)
     init_distributed(pp_size, get_embedding_ranks=schedule.get_embedding_ranks, backend="gloo", expert_model_parallel_size=ep_size)
     config = _config(num_layers, pp_size, ep_size)
     config.deallocate_pipeline_outputs = True  # as Megatron-LM runs: sent outputs keep only their grad_fn
@@ -183,7 +186,7 @@ def _pipeline_main(rank: int, port: int, schedule_name: str, pp_size: int, ep_si
     def two_steps():
         result = _run_step(schedule.forward_backward_func, config, chunks, offsets, num_microbatches,
                            timeline_group=parallel_state.get_pipeline_model_parallel_group(),
-                           replica=parallel_state.get_data_parallel_rank(), replicas=ep_size)
+                           replica=parallel_state.get_data_parallel_rank(), replicas=dp_size)
         experts = layout.expert_offset(config)
         result["grads"] = {layout.full_model_name(n, offset, experts): p.main_grad.clone()
                            for chunk, offset in zip(chunks, offsets) for n, p in chunk.module.named_parameters()}
@@ -219,27 +222,30 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # P = 1: the V turns on the rank that computes the loss. overlap_grad_reduce: DDP then syncs
-# a chunk's gradients only when its last backward runs outside no_sync. EP = 2: P x 2 processes.
+# a chunk's gradients only when its last backward runs outside no_sync. P x DP processes; EP = 2
+# splits the experts over 2 of the DP replicas (with DP = 4: expert data parallelism of 2).
 # fb: how FB actions run: "sequential" (DualPipe's through the chunks' own hook), "overlapped"
 # (config.fb_overlap), or "both": sequential, then overlapped from the same weights, compared.
 @pytest.mark.parametrize(
-    "schedule_name, pp_size, ep_size, num_layers, num_microbatches, overlap, layers_per_stage, fb",
+    "schedule_name, pp_size, dp_size, ep_size, num_layers, num_microbatches, overlap, layers_per_stage, fb",
     [
-        ("dualpipev", 1, 2, 2, 3, True, None, "both"),
-        ("dualpipev", 2, 2, 6, 6, True, [1, 2, 2, 1], "both"),
-        ("dualpipe", 2, 2, 4, 8, True, None, "overlapped"),
-        pytest.param("dualpipe", 4, 1, 6, 8, False, [1, 2, 2, 1], "sequential", marks=pytest.mark.slow),
+        ("dualpipev", 1, 2, 2, 2, 3, True, None, "both"),
+        ("dualpipev", 1, 4, 2, 2, 3, True, None, "overlapped"),
+        ("dualpipev", 2, 2, 2, 6, 6, True, [1, 2, 2, 1], "both"),
+        ("dualpipe", 2, 2, 2, 4, 8, True, None, "overlapped"),
+        pytest.param("dualpipe", 4, 1, 1, 6, 8, False, [1, 2, 2, 1], "sequential", marks=pytest.mark.slow),
     ],
 )
-def test_matches_single_process(tmp_path, schedule_name, pp_size, ep_size, num_layers, num_microbatches, overlap, layers_per_stage, fb):
+def test_matches_single_process(tmp_path, schedule_name, pp_size, dp_size, ep_size, num_layers, num_microbatches, overlap,
+                                layers_per_stage, fb):
     from megatron_dsv3.pipeline.schedule import dualpipe_order, dualpipev_order
 
-    mp.spawn(_reference_main, args=(free_port(), num_layers, num_microbatches * ep_size, overlap, str(tmp_path / "ref.pt")),
+    mp.spawn(_reference_main, args=(free_port(), num_layers, num_microbatches * dp_size, overlap, str(tmp_path / "ref.pt")),
              nprocs=1, join=True)
-    mp.spawn(_pipeline_main, args=(free_port(), schedule_name, pp_size, ep_size, num_layers, num_microbatches, overlap,
-                                   layers_per_stage, fb, str(tmp_path)), nprocs=pp_size * ep_size, join=True)
+    mp.spawn(_pipeline_main, args=(free_port(), schedule_name, pp_size, dp_size, ep_size, num_layers, num_microbatches, overlap,
+                                   layers_per_stage, fb, str(tmp_path)), nprocs=pp_size * dp_size, join=True)
     reference = torch.load(tmp_path / "ref.pt", weights_only=True)
-    ranks = _gathered(pp_size * ep_size, str(tmp_path))
+    ranks = _gathered(pp_size * dp_size, str(tmp_path))
     mirrored = schedule_name == "dualpipe"
 
     # Loss dicts: on Megatron's last pipeline stage only, one per micro-batch of the replica;
@@ -251,7 +257,7 @@ def test_matches_single_process(tmp_path, schedule_name, pp_size, ep_size, num_l
             continue
         for key, steps in (("losses", 2), ("eval_losses", 1)):
             got = result[key]
-            want = [reference[key][step * num_microbatches * ep_size + k * ep_size + replica]
+            want = [reference[key][step * num_microbatches * dp_size + k * dp_size + replica]
                     for step in range(steps) for k in range(num_microbatches)]
             assert len(got) == len(want) == num_microbatches * steps
             for g, w in zip(got, want):
@@ -263,13 +269,13 @@ def test_matches_single_process(tmp_path, schedule_name, pp_size, ep_size, num_l
     for result in ranks:
         for name, grad in result["grads"].items():
             if name in grads:  # a mirror (DualPipe) or another replica's copy (EP): the same sum
-                assert (mirrored or ep_size > 1) and torch.equal(grads[name], grad), name
+                assert (mirrored or dp_size > 1) and torch.equal(grads[name], grad), name
             grads[name] = grad
     assert grads.keys() == reference["grads"].keys()
     differing = {n: _relative(grads[n], reference["grads"][n]) for n in grads if not torch.equal(grads[n], reference["grads"][n])}
-    print(f"{schedule_name} P={pp_size} EP={ep_size}: {len(grads) - len(differing)}/{len(grads)} gradients bit-identical; "
+    print(f"{schedule_name} P={pp_size} DP={dp_size} EP={ep_size}: {len(grads) - len(differing)}/{len(grads)} gradients bit-identical; "
           f"largest relative difference {max(differing.values(), default=0):.2e}")
-    if not mirrored and ep_size == 1:
+    if not mirrored and dp_size == 1:
         assert set(differing) <= {"embedding.word_embeddings.weight"}
     assert all(d <= 1e-6 for d in differing.values())
 
@@ -294,7 +300,7 @@ def test_matches_single_process(tmp_path, schedule_name, pp_size, ep_size, num_l
     # The recorded timeline (gathered over each replica's pipeline): every pipeline rank ran
     # exactly its order, each action after the previous.
     order = (dualpipev_order if schedule_name == "dualpipev" else dualpipe_order)(pp_size, num_microbatches)
-    for replica in range(ep_size):
+    for replica in range(dp_size):
         pipeline = [result for result in ranks if result["place"][1] == replica]
         timeline = pipeline[0]["timeline"]
         assert all(result["timeline"] == timeline for result in pipeline)
