@@ -44,6 +44,9 @@ import torch
 import torch.distributed as dist
 
 P2P = "p2p"
+# What a failed or timed-out transfer's error tells the user to do (here and pipeline/comm.py).
+TIMEOUT_FIX = ("Fix: pass --distributed-timeout-minutes N (python -m megatron_dsv3.training: default 10; Megatron-LM: "
+               "default 30), or initialize_model_parallel(distributed_timeout_minutes=N) in your own launcher.")
 
 
 @dataclass(frozen=True)
@@ -128,10 +131,6 @@ def emulate(spec: LinkSpec | None) -> None:
     _port = _Port(spec) if spec is not None else None
 
 
-def emulated() -> LinkSpec | None:
-    return _port.spec if _port is not None else None
-
-
 def totals() -> dict[str, Totals]:
     """A copy of the clock, per label."""
     with _totals_lock:
@@ -185,9 +184,7 @@ class Transfer:
         except RuntimeError as error:  # torch's DistBackendError is one
             raise RuntimeError(
                 f"{self._what} failed: {error}. A peer failed, hangs, or is unreachable (see its own error); one that "
-                "hangs is detected only after the group's timeout. Fix: pass --distributed-timeout-minutes N (python -m "
-                "megatron_dsv3.training: default 10; Megatron-LM: default 30), or initialize_model_parallel("
-                "distributed_timeout_minutes=N) in your own launcher."
+                f"hangs is detected only after the group's timeout. {TIMEOUT_FIX}"
             ) from error
         real_done = entered if already_done else time.time()  # at the latest
         _sleep_until(self._done_at)

@@ -87,9 +87,7 @@ class NeighbourP2P:
             raise RuntimeError(
                 f"pipeline rank {self.group.rank()}: receiving {_STREAMS[stream]} from pipeline rank {from_rank} failed: "
                 f"{error}. That rank failed, hangs, or is unreachable (see its own error); one that hangs is detected "
-                "only after the pipeline group's timeout. Fix: pass --distributed-timeout-minutes N (python -m "
-                "megatron_dsv3.training: default 10; Megatron-LM: default 30), or initialize_model_parallel("
-                "distributed_timeout_minutes=N) in your own launcher."
+                f"only after the pipeline group's timeout. {link.TIMEOUT_FIX}"
             ) from error
         return tensor
 
