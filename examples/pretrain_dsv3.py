@@ -6,6 +6,16 @@
     python examples/pretrain_dsv3.py --dry-run ...   # check the flags, print the layout (no GPU)
     examples/slurm/*.sbatch                           # the paper's layout, and two smaller ones
 
+Your data: Megatron-LM's own flags, in place of --mock-data and the NullTokenizer,
+    --data-path 0.3 data/a_text_document 0.7 data/b_text_document --split 99,1,0 \\
+    --tokenizer-type HuggingFaceTokenizer --tokenizer-model TOKENIZER_DIR
+(prefixes of `.bin`/`.idx` pairs as Megatron-LM's tools/preprocess_data.py writes them, with
+optional weights; the directory of the HF tokenizer they were tokenized with). Before any process
+group, `megatron_dsv3.launch.check_data` refuses a blend Megatron would misread, a missing `.idx`
+or `.bin`, a dataset whose id dtype (its `.idx` header) cannot hold the tokenizer's ids, and a
+tokenizer larger than `--padded-vocab-size` (a preset sets it: pass a larger one after
+`--dsv3-preset`), naming the flag, the value and the fix (the rules: megatron_dsv3/datasets.py).
+
 Beyond Megatron-LM's own flags (megatron_dsv3.launch.add_args):
   --dsv3-preset NAME           a preset's model flags (megatron_dsv3.launch.PRESET_FLAGS); later flags override them
   --dsv3-fp8 {none,te,emulate,scaled_mm,auto}     blockwise FP8 (report §3.3)
@@ -98,7 +108,8 @@ def is_dataset_built_on_rank() -> bool:
 
 
 def datasets_provider(train_val_test_num_samples):
-    """Megatron's GPT datasets (or mock data) of `--data-path` / `--mock-data`."""
+    """Megatron's GPT datasets (or mock data) of `--data-path` / `--mock-data`, with Megatron-LM's
+    tokenizer (`--tokenizer-type`); main() checked them first (`launch.check_data`)."""
     args = get_args()
     blend, blend_per_split = get_blend_and_blend_per_split(args)
     config = GPTDatasetConfig(
@@ -129,6 +140,7 @@ def main() -> int:
             print(launch.dry_run(args))
             return 0
         set_global_variables(args)  # also builds the tokenizer, which pads the vocabulary
+        launch.check_data(args, get_tokenizer())  # the data flags against the tokenizer and --padded-vocab-size
         model_config = launch.model_config(args)
         launch.pipeline_layout(args, model_config)  # fail before any process group exists
         # Fixes to the wheel; on a machine without CUDA, its checks, the CPU layer and the process groups.

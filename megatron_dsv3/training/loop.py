@@ -50,7 +50,7 @@ from megatron_dsv3.pipeline.simulate import plot_timeline
 from megatron_dsv3.routing import finalize_model_grads_with_load
 from megatron_dsv3.specs import gpt_model
 from megatron_dsv3.training import checkpoint
-from megatron_dsv3.training.data import ByteTokenizer, build_datasets
+from megatron_dsv3.training.data import build_datasets, build_user_dataset, check_user_data
 from megatron_dsv3.training.ema import ParameterEMA, named_trainable_parameters
 from megatron_dsv3.training.forward_step import forward_step
 from megatron_dsv3.training.metrics import step_metrics, summarize
@@ -84,6 +84,13 @@ class TrainArgs:
     bf16_moments: bool = _option("AdamW moments in BF16 (report §3.3); master weights stay FP32", False)
     seed: int = _option("seed of the initialisation and the data order", 1234)
     corpus_bytes: int = _option("bytes of stdlib source to train on", 4_000_000)
+    data_path: list[str] | None = _option(
+        "train on your Megatron indexed datasets instead of the stdlib corpus: PREFIX [PREFIX ...], or a blend WEIGHT "
+        "PREFIX [WEIGHT PREFIX ...] (Megatron-LM's --data-path: PREFIX.bin and PREFIX.idx as its tools/preprocess_data.py "
+        "writes them); every document trains. Needs --tokenizer", None, nargs="+", type=str, metavar="PREFIX")
+    tokenizer: str | None = _option(
+        "the HF tokenizer the --data-path data was tokenized with: its tokenizer.json, or the directory holding it "
+        "(read by Megatron's HuggingFaceTokenizer); its vocabulary must fit vocab_size", None, metavar="PATH")
     run_dir: Path = _option("metrics, plots, config.json and checkpoints go here", Path("runs/demo"))
     progress: bool = _option("progress bar (on rank 0)", True)
     pipeline_schedule: str = _option("1f1b: no pipelining (--pp 1); dualpipev / dualpipe: pipeline over --pp ranks with two "
@@ -217,12 +224,7 @@ def _model_config(args: TrainArgs):
             "train with params_dtype=float32, bf16=False (use --bf16-moments for BF16 optimizer state, "
             "fp8_blockwise for FP8 GEMMs)",
         )
-    if config.vocab_size < ByteTokenizer.vocab_size:
-        raise ConfigError(
-            "vocab_size", config.vocab_size,
-            f"the training data's byte tokenizer has {ByteTokenizer.vocab_size} ids (256 bytes and an end-of-document token)",
-            f"set vocab_size >= {ByteTokenizer.vocab_size}",
-        )
+    check_user_data(args.data_path, args.tokenizer, config.vocab_size)  # the data and its tokenizer against vocab_size
     if config.pipeline_model_parallel_size != args.pipeline_size:
         raise ValueError(
             f"pipeline_model_parallel_size={config.pipeline_model_parallel_size} in the overrides, pipeline_size="
@@ -263,6 +265,7 @@ def _run_settings(args: TrainArgs, config, dp_size: int) -> dict:
         "data_parallel_size": dp_size, "pipeline_schedule": args.pipeline_schedule, "pipeline_size": args.pipeline_size,
         "expert_parallel_size": args.expert_parallel_size, "layers_per_stage": args.layers_per_stage,
         "seq_length": config.seq_length, "steps": args.steps, "seed": args.seed, "corpus_bytes": args.corpus_bytes,
+        "data_path": args.data_path, "tokenizer": args.tokenizer,
         "lr": args.lr, "min_lr": args.min_lr, "warmup_steps": args.warmup_steps, "weight_decay": args.weight_decay,
         "adam_betas": tuple(args.adam_betas), "clip_grad": args.clip_grad, "bf16_moments": args.bf16_moments,
         "ema_decay": args.ema_decay,
@@ -398,10 +401,14 @@ def _build(config, args: TrainArgs) -> _Run:
 def _data(args: TrainArgs, config, run_dir: Path, first_step: int, global_batch: int, dp_size: int):
     """This replica's micro-batches from `first_step` on. The data order is fixed by the seed: a
     resumed run starts after the samples the saved steps consumed. The loader draws from its
-    own generator, not the restored global RNG."""
-    train_set, _ = build_datasets(
-        run_dir.parent / ".corpus-cache", config.seq_length, args.steps * global_batch, global_batch, args.seed, args.corpus_bytes
-    )
+    own generator, not the restored global RNG. The data: the embedded corpus, or --data-path with
+    its --tokenizer (checked by _model_config before any work; the tokenizer is loaded once)."""
+    cache_dir = run_dir.parent / ".corpus-cache"
+    blend, tokenizer = check_user_data(args.data_path, args.tokenizer, config.vocab_size)
+    if blend is None:
+        train_set, _ = build_datasets(cache_dir, config.seq_length, args.steps * global_batch, global_batch, args.seed, args.corpus_bytes)
+    else:
+        train_set = build_user_dataset(cache_dir, config.seq_length, args.steps * global_batch, args.seed, blend, tokenizer)
     unconsumed = torch.utils.data.Subset(train_set, range((first_step - 1) * global_batch, len(train_set)))
     sampler = torch.utils.data.DistributedSampler(
         unconsumed, num_replicas=dp_size, rank=parallel_state.get_data_parallel_rank(), shuffle=False

@@ -15,12 +15,12 @@ PACKAGE = Path(__file__).resolve().parents[2] / "megatron_dsv3"
 # docs/architecture.md: layer of each unit, lowest first.
 LAYERS = {
     "config": 0,
-    "weight_grad": 1, "distributed": 1, "cpu": 1, "safe_load": 1,
+    "weight_grad": 1, "distributed": 1, "cpu": 1, "safe_load": 1, "datasets": 1,
     "attention": 2, "routing": 2, "fp8": 2,
     "overlap": 3,
     "specs": 4,
-    "pipeline": 5,
-    "training": 6, "launch": 6, "convert": 6,
+    "pipeline": 5, "convert": 5,
+    "training": 6, "launch": 6,
     "bench": 7,
 }
 FACE = "__init__"  # megatron_dsv3/__init__.py: hands on names of the config layer only, so it sits just above it
