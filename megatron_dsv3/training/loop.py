@@ -49,7 +49,7 @@ from megatron_dsv3.pipeline.no_pipelining import forward_backward_no_pipelining
 from megatron_dsv3.pipeline.simulate import plot_timeline
 from megatron_dsv3.routing import finalize_model_grads_with_load
 from megatron_dsv3.specs import gpt_model
-from megatron_dsv3.training import checkpoint
+from megatron_dsv3.training import checkpoint, init_from
 from megatron_dsv3.training.data import build_datasets, build_user_dataset, check_user_data
 from megatron_dsv3.training.ema import ParameterEMA, named_trainable_parameters
 from megatron_dsv3.training.forward_step import forward_step
@@ -112,6 +112,11 @@ class TrainArgs:
     layers_per_stage: list[int] | None = _option("uneven pipeline layout, one layer count per stage, e.g. '[1,2,2,1]'", None)
     save_interval: int = _option("write a checkpoint to RUN_DIR/checkpoints every N steps (0: never)", 0)
     resume: bool = _option("continue from RUN_DIR/checkpoints/latest", False)
+    init_from: Path | None = _option(
+        "start from these weights (fine-tuning; optimizer, LR schedule and data start fresh): an HF DeepSeek-V3 "
+        "directory (converted once into RUN_DIR/init-from-hf) or a dist_checkpointing checkpoint (the converter's "
+        "output, a compact-loop or Megatron-LM checkpoint), resharded to this run's layout (training/init_from.py)",
+        None, metavar="DIR")
     overwrite: bool = _option("start in a RUN_DIR that holds another run: its files are removed first", False)
     distributed_timeout_minutes: float = _option(
         "a peer that neither answers nor fails (stopped, stuck) ends the job after this long: the process groups' "
@@ -268,7 +273,7 @@ def _run_settings(args: TrainArgs, config, dp_size: int) -> dict:
         "data_path": args.data_path, "tokenizer": args.tokenizer,
         "lr": args.lr, "min_lr": args.min_lr, "warmup_steps": args.warmup_steps, "weight_decay": args.weight_decay,
         "adam_betas": tuple(args.adam_betas), "clip_grad": args.clip_grad, "bf16_moments": args.bf16_moments,
-        "ema_decay": args.ema_decay,
+        "ema_decay": args.ema_decay, "init_from": None if args.init_from is None else str(args.init_from),
     }
 
 
@@ -302,6 +307,7 @@ class _Run:
 def train(args: TrainArgs) -> dict | None:
     """Train; returns the summary on global rank 0 (None on the other ranks)."""
     config = _model_config(args)
+    init_source = None if args.resume else init_from.resolve(args.init_from, config)  # a resume has its weights
     run_dir = Path(args.run_dir)
     checkpoints = run_dir / "checkpoints"
     _check_run_dir(run_dir, args)
@@ -317,7 +323,7 @@ def train(args: TrainArgs) -> dict | None:
     torch.distributed.barrier()  # every rank sees the directory after rank 0 cleared it
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    run = _build(config, args)
+    run = _build(config, args, init_source)
     dp_size = parallel_state.get_data_parallel_world_size()
     global_batch = args.micro_batch_size * args.num_microbatches * dp_size
     tokens_per_step = global_batch * config.seq_length
@@ -361,12 +367,16 @@ def train(args: TrainArgs) -> dict | None:
     return _finish(args, run_dir, log.records, gathered)
 
 
-def _build(config, args: TrainArgs) -> _Run:
-    """This rank's chunks under Megatron DDP, AdamW, the LR schedule and the EMA."""
+def _build(config, args: TrainArgs, init_source: init_from.Source | None) -> _Run:
+    """This rank's chunks (with the --init-from weights) under Megatron DDP, AdamW, the LR schedule
+    and the EMA."""
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    unwrapped = build_model_chunks(config, args)
+    if init_source is not None:
+        init_from.load_weights(init_source, unwrapped, config, Path(args.run_dir), args.preset, args.overrides)
     chunks = [
         DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), chunk.to(device))
-        for chunk in build_model_chunks(config, args)
+        for chunk in unwrapped
     ]
     config.no_sync_func = [chunk.no_sync for chunk in chunks] if len(chunks) > 1 else chunks[0].no_sync
     config.finalize_model_grads_func = finalize_model_grads_with_load
