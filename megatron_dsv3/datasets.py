@@ -1,5 +1,6 @@
 """The user's training data: Megatron indexed datasets and the tokenizer that wrote them, checked
-before any training work (`check_data`, the one home of these rules).
+before any training work (`check_data`, the one home of these rules); and `ByteTokenizer`, the
+embedded corpus's tokenizer (training reads it, generation writes with it).
 
 Both ways of training read the same data and call `check_data`: the compact loop
 (`python -m megatron_dsv3.training --data-path ... --tokenizer ...`, training/data.py) and the
@@ -31,6 +32,20 @@ import numpy
 from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType, get_bin_path, get_idx_path
 
 BLEND_FORM = "PREFIX [PREFIX ...] or WEIGHT PREFIX [WEIGHT PREFIX ...], e.g. 0.3 data/a_text_document 0.7 data/b_text_document"
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids, plus an end-of-document token; what GPTDataset asks of one."""
+
+    eod = 256
+    vocab_size = 257
+    unique_identifiers = {"class": "megatron_dsv3.ByteTokenizer", "eod": 256}  # dataset cache key
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def detokenize(self, ids) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
 class DataError(ValueError):

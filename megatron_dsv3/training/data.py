@@ -30,24 +30,10 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 from megatron.core.tokenizers import MegatronTokenizer
 
-from megatron_dsv3.datasets import Blend, DataError, check_data
+from megatron_dsv3.datasets import Blend, ByteTokenizer, DataError, check_data
 
 
 TRAIN_FRACTION = 0.98  # of the documents; the rest is the validation split
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as token ids, plus an end-of-document token; what GPTDataset asks of one."""
-
-    eod = 256
-    vocab_size = 257
-    unique_identifiers = {"class": "megatron_dsv3.ByteTokenizer", "eod": 256}  # dataset cache key
-
-    def tokenize(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def detokenize(self, ids) -> str:
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
 def stdlib_documents(max_bytes: int) -> list[Path]:
