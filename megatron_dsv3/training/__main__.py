@@ -83,6 +83,11 @@ def main(argv=None) -> int:
           f"= {100 * loss_ratio:.1f}% of the first (target < 60%): {'ok' if loss_ok else 'FAILED'}")
     if vio_first is not None:
         print(f"MaxVio: first 10% of steps {vio_first:.3f}, last 10% {vio_last:.3f} (target: lower): {'ok' if vio_ok else 'FAILED'}")
+    if "final_val_ppl" in summary:  # --eval-interval
+        ema = (f"; EMA weights: LM loss {summary['final_ema_val_lm_loss']:.4f}, perplexity {summary['final_ema_val_ppl']:.3f}"
+               if "final_ema_val_ppl" in summary else "")
+        print(f"validation after step {summary['final_val_step']}: LM loss {summary['final_val_lm_loss']:.4f}, "
+              f"perplexity {summary['final_val_ppl']:.3f}{ema}")
     plots = [args.run_dir / name for name in ("loss.png", "expert_load.png", "pipeline_timeline.png") if (args.run_dir / name).exists()]
     print(f"metrics: {args.run_dir / 'metrics.jsonl'}; plots: {', '.join(map(str, plots))}")
     print(json.dumps(summary))

@@ -12,7 +12,8 @@ one (with its `tokenizer_config.json`, where the end-of-document token is named)
 is Megatron's own (`megatron.core.tokenizers`, the object Megatron-LM builds for
 `--tokenizer-type HuggingFaceTokenizer --tokenizer-model DIR`). `check_user_data` checks both
 before any training work (the rules: megatron_dsv3/datasets.py); every document trains (the
-compact loop does not evaluate).
+compact loop evaluates the embedded corpus's validation split only: it refuses --eval-interval
+with --data-path).
 """
 
 from __future__ import annotations

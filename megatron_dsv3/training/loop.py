@@ -8,13 +8,38 @@ token schedules, runs the forward/backward schedule over the micro-batches (Mega
 at 1.0, steps AdamW (report §4.2 betas and weight decay) with warm-up plus cosine LR, folds
 the parameters into the CPU EMA when one is kept (report §3.2.3), and logs LM loss, MTP loss,
 the sequence-wise balance loss, each MoE layer's tokens per expert and MaxVio to
-`metrics.jsonl` (and TensorBoard when installed). Every `save_interval` steps it writes a
+`metrics.jsonl` (and TensorBoard when installed). Every `eval_interval` steps and after the
+last it evaluates the validation split (`_validate`). Every `save_interval` steps it writes a
 resumable checkpoint (training/checkpoint.py); `resume` continues from the newest one,
 bit-identically on CPU.
 
-`train` reads as its four parts: `_build` (model chunks, optimizer, schedule, EMA),
-`_data` (the loader, past what a resumed run consumed), `_train_step` (one global batch) and
-`_finish` (plots and the summary).
+`train` reads as its parts: `_datasets` (train and validation splits, checked),
+`_build` (model chunks, optimizer, schedule, EMA), `_data` (the loader, past what a resumed
+run consumed), `_train_step` (one global batch), `_validate` (forward only over the same
+first validation batches each time) and `_finish` (plots and the summary).
+
+Validation, design note
+-----------------------
+`--eval-interval N` evaluates after steps N, 2N, ... and after the last step: `--eval-iters`
+global batches (micro_batch_size x num_microbatches x data-parallel replicas sequences each)
+of the validation split, forward only through the training schedule (no pipelining, DualPipe
+or DualPipeV, with expert parallelism and the FB overlap: the executor runs an FB's forward
+only). The batches are the split's first eval_iters x global batch samples, read once before
+training (`_validation_batches`), so every evaluation sees the same ones and none consumes
+the training iterator: curves are comparable, and a resume is bit-identical with or without
+evaluation. The record of an evaluated step gets `val_lm_loss` (the token mean over every
+validation micro-batch), `val_ppl` (exp of it), `val_mtp_loss` (as the step's `mtp_loss`)
+and, with `--ema-decay`, the same for the EMA weights (`ema_val_*`, under
+`ParameterEMA.swapped_in`). An evaluation changes no state of the run:
+  - the chunks are in eval mode (no dropout) under `torch.no_grad()`: the routers count no
+    tokens for the bias update or the load, and add no auxiliary loss (both need grad);
+  - Megatron's GPTModel logs MTP losses only in training mode (`process_mtp_loss`'s
+    `is_training` is the GPTModel's own flag): that one flag is set, every submodule stays in
+    eval mode; the MTP tracker is read and cleared before the next step;
+  - the torch and Megatron RNG states are restored after it (eval mode draws nothing; this
+    makes it certain).
+The embedded corpus holds out 2% of its documents; `--data-path` trains on all of its own,
+so `--eval-interval` with it is refused (TrainArgs).
 """
 
 from __future__ import annotations
@@ -29,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32, get_grad_norm_fp32
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -53,7 +78,7 @@ from megatron_dsv3.training import checkpoint, init_from
 from megatron_dsv3.training.data import build_datasets, build_user_dataset, check_user_data
 from megatron_dsv3.training.ema import ParameterEMA, named_trainable_parameters
 from megatron_dsv3.training.forward_step import forward_step
-from megatron_dsv3.training.metrics import step_metrics, summarize
+from megatron_dsv3.training.metrics import step_metrics, summarize, validation_metrics
 from megatron_dsv3.training.monitor import MetricsLog, plot_expert_load, plot_losses
 from megatron_dsv3.training.optimizer import AdamWLowPrecisionMoments
 from megatron_dsv3.weight_grad import check_deferrable
@@ -122,6 +147,13 @@ class TrainArgs:
         "a peer that neither answers nor fails (stopped, stuck) ends the job after this long: the process groups' "
         "timeout, pipeline P2P included", 10.0)
     ema_decay: float | None = _option("keep an EMA of the parameters in CPU memory (report §3.2.3)", None)
+    eval_interval: int = _option(
+        "evaluate the validation split (the embedded corpus's documents held out of training, 2 percent) after every "
+        "N steps and after the last: LM loss, perplexity and MTP loss into the step's record, and the EMA weights' with "
+        "--ema-decay; forward only through the training schedule (0: never)", 0, metavar="N")
+    eval_iters: int = _option(
+        "global batches of the validation split per evaluation (each as a step's: micro-batch size x micro-batches x "
+        "data-parallel replicas sequences): the split's first ones, the same every time", 1, metavar="N")
 
     def __post_init__(self):
         for name in ("steps", "micro_batch_size", "num_microbatches", "pipeline_size", "expert_parallel_size"):
@@ -142,6 +174,19 @@ class TrainArgs:
             raise ValueError(f"layers_per_stage is a pipeline layout. Fix: pass it with --pipeline-schedule one of {registry.OURS}.")
         if self.save_interval < 0:
             raise ValueError(f"save_interval={self.save_interval}: must be >= 0 (0: no checkpoints).")
+        if self.eval_interval < 0:
+            raise ValueError(f"eval_interval={self.eval_interval}: must be >= 0 (0: no evaluation). Fix: pass e.g. "
+                             "--eval-interval 20.")
+        if self.eval_interval and self.eval_iters < 1:
+            raise ValueError(f"eval_iters={self.eval_iters} with eval_interval={self.eval_interval}: an evaluation runs "
+                             "at least one global batch. Fix: pass --eval-iters 1 or more.")
+        if self.eval_interval and self.data_path is not None:
+            raise ValueError(
+                f"eval_interval={self.eval_interval} with --data-path: the compact loop trains on every document of "
+                "--data-path data and holds none out for validation (only the embedded corpus has a validation split). "
+                "Fix: leave out --eval-interval, or evaluate with Megatron-LM's loop (examples/pretrain_dsv3.py "
+                "--data-path ... --split 99,1,0 --eval-interval N)."
+            )
         if not 0 <= self.warmup_steps < self.steps:
             raise ValueError(f"warmup_steps={self.warmup_steps}: must be in [0, steps={self.steps}). Fix: shorten the warm-up.")
         if not 0 <= self.min_lr <= self.lr:
@@ -323,15 +368,17 @@ def train(args: TrainArgs) -> dict | None:
     torch.distributed.barrier()  # every rank sees the directory after rank 0 cleared it
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    run = _build(config, args, init_source)
     dp_size = parallel_state.get_data_parallel_world_size()
     global_batch = args.micro_batch_size * args.num_microbatches * dp_size
     tokens_per_step = global_batch * config.seq_length
+    train_set, valid_set = _datasets(args, config, run_dir, global_batch)  # the split's size checked before the model
+    validation = _validation_batches(args, valid_set, global_batch, dp_size) if args.eval_interval else None
+    run = _build(config, args, init_source)
     run_settings = _run_settings(args, config, dp_size)
     first_step = 1
     if args.resume:
         first_step = checkpoint.load(checkpoints, run.state, run_settings)["step"] + 1
-    data_iterator = _data(args, config, run_dir, first_step, global_batch, dp_size)
+    data_iterator = _data(args, train_set, first_step, global_batch, dp_size)
 
     log = MetricsLog(run_dir, keep_steps_up_to=first_step - 1) if is_logger else None
     if is_logger:
@@ -351,6 +398,8 @@ def train(args: TrainArgs) -> dict | None:
         if step == args.steps and args.pipelined:  # the last step's timeline is plotted
             timeline = TimelineRecorder()
         record = {"step": step, **_train_step(run, args, data_iterator, timeline, step)}
+        if validation is not None and (step % args.eval_interval == 0 or step == args.steps):
+            record.update(_validate(run, args, validation))
         if is_logger:
             log.write(record)
             bar.set_postfix(lm=f"{record['lm_loss']:.3f}", mtp=f"{record.get('mtp_loss', 0):.3f}", maxvio=f"{record['max_violation'] or 0:.3f}")
@@ -408,17 +457,51 @@ def _build(config, args: TrainArgs, init_source: init_from.Source | None) -> _Ru
     return _Run(config, chunks, forward_backward, params, norm_params, optimizer, scheduler, ema, state)
 
 
-def _data(args: TrainArgs, config, run_dir: Path, first_step: int, global_batch: int, dp_size: int):
-    """This replica's micro-batches from `first_step` on. The data order is fixed by the seed: a
-    resumed run starts after the samples the saved steps consumed. The loader draws from its
-    own generator, not the restored global RNG. The data: the embedded corpus, or --data-path with
-    its --tokenizer (checked by _model_config before any work; the tokenizer is loaded once)."""
+def _datasets(args: TrainArgs, config, run_dir: Path, global_batch: int):
+    """The training split, and the validation split (None without --eval-interval). The data:
+    the embedded corpus, or --data-path with its --tokenizer (checked by _model_config before
+    any work; the tokenizer is loaded once). An evaluation must fit in one pass over the
+    validation split (Megatron's GPTDataset would repeat its documents to fill the request)."""
     cache_dir = run_dir.parent / ".corpus-cache"
     blend, tokenizer = check_user_data(args.data_path, args.tokenizer, config.vocab_size)
-    if blend is None:
-        train_set, _ = build_datasets(cache_dir, config.seq_length, args.steps * global_batch, global_batch, args.seed, args.corpus_bytes)
-    else:
-        train_set = build_user_dataset(cache_dir, config.seq_length, args.steps * global_batch, args.seed, blend, tokenizer)
+    if blend is not None:  # TrainArgs refuses --eval-interval with it
+        return build_user_dataset(cache_dir, config.seq_length, args.steps * global_batch, args.seed, blend, tokenizer), None
+    valid_samples = args.eval_iters * global_batch if args.eval_interval else global_batch
+    train_set, valid_set = build_datasets(cache_dir, config.seq_length, args.steps * global_batch, valid_samples, args.seed,
+                                          args.corpus_bytes)
+    if not args.eval_interval:
+        return train_set, None
+    # the samples of one epoch: GPTDataset's count (its sample index), from the split's documents
+    tokens = int(valid_set.dataset.sequence_lengths[valid_set.indices].sum())
+    holds = (tokens - valid_set.config.add_extra_token_to_sequence) // config.seq_length
+    if valid_samples > holds:
+        fix = (f"lower --eval-iters to {holds // global_batch} or less" if holds >= global_batch
+               else "lower --micro-batch-size or --num-microbatches")
+        raise ValueError(
+            f"eval_iters={args.eval_iters}: {args.eval_iters} global batches of {global_batch} sequences are {valid_samples} "
+            f"validation sequences of seq_length {config.seq_length}, and the validation split (the corpus's held-out "
+            f"{len(valid_set.indices)} document(s), {tokens} tokens) holds {holds}. Fix: {fix}, or raise --corpus-bytes."
+        )
+    return train_set, valid_set
+
+
+def _validation_batches(args: TrainArgs, valid_set, global_batch: int, dp_size: int) -> list[list[dict]]:
+    """This replica's share of the validation split's first eval_iters x global batch samples, as
+    eval_iters lists of num_microbatches micro-batches: replica r of D reads samples r, r + D, ...,
+    as the training loader does. Read once, so each evaluation runs the same batches."""
+    first = torch.utils.data.Subset(valid_set, range(args.eval_iters * global_batch))
+    sampler = torch.utils.data.DistributedSampler(first, num_replicas=dp_size, rank=parallel_state.get_data_parallel_rank(), shuffle=False)
+    loader = torch.utils.data.DataLoader(first, batch_size=args.micro_batch_size, sampler=sampler,
+                                         generator=torch.Generator().manual_seed(args.seed))  # not the global RNG
+    microbatches = list(loader)
+    m = args.num_microbatches
+    return [microbatches[i * m:(i + 1) * m] for i in range(args.eval_iters)]
+
+
+def _data(args: TrainArgs, train_set, first_step: int, global_batch: int, dp_size: int):
+    """This replica's micro-batches from `first_step` on. The data order is fixed by the seed: a
+    resumed run starts after the samples the saved steps consumed. The loader draws from its
+    own generator, not the restored global RNG."""
     unconsumed = torch.utils.data.Subset(train_set, range((first_step - 1) * global_batch, len(train_set)))
     sampler = torch.utils.data.DistributedSampler(
         unconsumed, num_replicas=dp_size, rank=parallel_state.get_data_parallel_rank(), shuffle=False
@@ -467,6 +550,48 @@ def _train_step(run: _Run, args: TrainArgs, data_iterator, timeline: TimelineRec
         **step_metrics(losses, run.config, run.chunks, args.num_microbatches, parallel_state.get_pipeline_model_parallel_group(),
                        parallel_state.get_data_parallel_group()),
     }
+
+
+def _validate(run: _Run, args: TrainArgs, batches: list[list[dict]]) -> dict:
+    """The validation fields of the step's record (module note): the training weights', then the
+    EMA weights' when the run keeps an EMA."""
+    fields = {f"val_{key}": value for key, value in _evaluate(run, args, batches).items()}
+    if run.ema is not None:
+        with run.ema.swapped_in():
+            fields.update({f"ema_val_{key}": value for key, value in _evaluate(run, args, batches).items()})
+    return fields
+
+
+def _evaluate(run: _Run, args: TrainArgs, batches: list[list[dict]]) -> dict:
+    """LM loss, perplexity and MTP loss of the model as it is over `batches`, forward only
+    through the training schedule; changes no state of the run (module note)."""
+    rng_states = torch.get_rng_state(), tensor_parallel.get_cuda_rng_tracker().get_states()
+    cuda_rng_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    for chunk in run.chunks:
+        chunk.eval()
+        chunk.module.training = True  # the GPTModel's own flag only: it logs the MTP loss (module note)
+    losses = []
+    try:
+        with torch.no_grad():
+            for microbatches in batches:
+                losses += run.forward_backward(
+                    forward_step_func=forward_step,
+                    data_iterator=iter(microbatches),
+                    model=run.chunks,
+                    num_microbatches=args.num_microbatches,
+                    seq_length=run.config.seq_length,
+                    micro_batch_size=args.micro_batch_size,
+                    forward_only=True,
+                )
+    finally:
+        for chunk in run.chunks:
+            chunk.train()
+        torch.set_rng_state(rng_states[0])
+        tensor_parallel.get_cuda_rng_tracker().set_states(rng_states[1])
+        if cuda_rng_states is not None:
+            torch.cuda.set_rng_state_all(cuda_rng_states)
+    return validation_metrics(losses, run.config, args.num_microbatches * len(batches),
+                              parallel_state.get_pipeline_model_parallel_group(), parallel_state.get_data_parallel_group())
 
 
 def _first_non_finite_gradient(chunks) -> str:

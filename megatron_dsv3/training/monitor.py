@@ -22,7 +22,8 @@ class MetricsLog:
     `tensorboard`: also write each record as TensorBoard events under `<run_dir>/tensorboard`
     (True: requires the `tensorboard` package; "auto": when it is installed; False: never).
     Every number at the top of a record becomes a scalar of the same name (lm_loss, mtp_loss,
-    lr, grad_norm, max_violation, ...); each MoE layer of `record["expert_load"]` gives the
+    lr, grad_norm, max_violation, ..., and on the steps evaluated val_lm_loss, val_ppl,
+    val_mtp_loss and the EMA's ema_val_*); each MoE layer of `record["expert_load"]` gives the
     scalar `max_violation/<layer>` and the histogram `tokens_per_expert/<layer>`, whose bar
     over expert index e is the number of tokens routed to expert e.
     """
@@ -92,12 +93,19 @@ def write_tensorboard_record(writer, record: dict) -> None:
 
 
 def plot_losses(records: list[dict], path: Path) -> None:
+    """Training LM and MTP loss per step; the validation losses (the training weights', and the
+    EMA's) at the steps evaluated, as markers on lines."""
     steps = [r["step"] for r in records]
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("lm_loss", "LM loss"), ("mtp_loss", "MTP loss (mean over depths)")):
+    for key, label in (("lm_loss", "training LM loss"), ("mtp_loss", "training MTP loss (mean over depths)")):
         values = [r.get(key) for r in records]
         if any(v is not None for v in values):
             ax.plot(steps, values, label=label)
+    for key, label in (("val_lm_loss", "validation LM loss"), ("val_mtp_loss", "validation MTP loss"),
+                       ("ema_val_lm_loss", "validation LM loss, EMA weights")):
+        evaluated = [(r["step"], r[key]) for r in records if key in r]
+        if evaluated:
+            ax.plot(*zip(*evaluated), marker="o", markersize=3, linestyle="--", label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.legend()

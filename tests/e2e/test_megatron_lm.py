@@ -11,7 +11,9 @@ Checked, for each layout: the resumed run's weights at iteration 6 equal the uni
 run's bit for bit (every tensor of the model, expert biases included), and so do its
 iteration-4 loss and its evaluation loss at 6. DualPipeV also against the compact loop
 (python -m megatron_dsv3.training) on the same model, data and seed: the compact loop's
-DualPipeV run of tests/e2e/conftest.py (shared with test_train_pipeline.py). Not bit for bit:
+DualPipeV run of tests/e2e/conftest.py (shared with test_train_pipeline.py), its training
+losses and its validation loss after step 3 (Megatron-LM's `evaluate` of the same first
+validation batch after iteration 3, the compact loop's `--eval-interval`). Not bit for bit:
 clipping at 1.0 is active at every step of these runs, and Megatron's `get_grad_norm_fp32`
 (the norm of the per-tensor norms) and the compact loop's `clip_grad_norm_` (the root of the
 summed squares) round differently. With clipping inactive in both (--clip-grad 1e9) the final
@@ -129,6 +131,10 @@ def test_megatron_lm_dualpipev_trains_like_the_compact_loop(trained, compact_run
     differences = {step: abs(megatron_lm[step] - loss) / loss for step, loss in compact_losses.items()}
     print(f"Megatron-LM DualPipeV vs the compact loop, relative LM-loss differences per iteration: {differences}")
     assert max(differences.values()) <= 2e-6  # 7 printed digits
+    compact_validation = next(record["val_lm_loss"] for record in compact.records(compact_runs / "pp2") if record["step"] == SAVE_AT)
+    validation_difference = abs(_eval_loss(full, SAVE_AT) - compact_validation) / compact_validation
+    print(f"validation LM loss after iteration {SAVE_AT}: relative difference {validation_difference:.1e}")
+    assert validation_difference <= 2e-6
     final = f"iter_{ITERATIONS:07d}"
     ours, theirs = _weights(root / "full" / final, _config()), _weights(compact_runs / "pp2" / "checkpoints" / final, _config())
     relative = {k: float((ours[k] - theirs[k]).abs().max() / theirs[k].abs().max().clamp(min=1e-30)) for k in theirs}

@@ -8,18 +8,22 @@ loop (tests/e2e/conftest.py runs it, and the 2-process DualPipeV run, once per s
     split the experts, EP=2, with the FB overlap) equal the reference's. Bit-identity holds for the first step of one replica; later,
     gradients that sum in another order (the embedding's, used by two chunks; the norm summed
     over ranks) can move the weights by an ulp, so losses are compared at 1e-6 relative.
-  - DualPipe PP=2 x EP=2 on 4 processes: the same loss curve, and a resume from a checkpoint
-    of its mirrored stages and split experts that reproduces its records exactly.
+    So are the validation LM and MTP losses after steps 3 and 6: each layout's schedule run
+    forward only, against the single process's forward.
+  - DualPipe PP=2 x EP=2 on 4 processes: the same loss curve (validation included), and a
+    resume from a checkpoint of its mirrored stages and split experts that reproduces its
+    records exactly.
   - Resume: a 2-process DualPipeV run saving every 2 steps is killed (SIGKILL, rank 0) right
     after its second save has written all its data but before it is committed. The step-2
     checkpoint must still be the latest, the killed one left as `.incomplete`; resuming
-    from it must reproduce the uninterrupted run's records exactly, steps 3 to the end.
+    from it must reproduce the uninterrupted run's records exactly, steps 3 to the end: the
+    validation losses of the weights and of the EMA included.
 """
 
 from pathlib import Path
 
 import pytest
-from compact_loop import STEPS
+from compact_loop import EVALUATED, STEPS, losses
 from compact_loop import records as _records
 from compact_loop import run as _run
 
@@ -39,10 +43,10 @@ def test_dualpipev_loss_curve_matches_single_process(compact_runs, processes, pp
         _run(run_dir, processes, "--pipeline-schedule", "dualpipev", "--pp", str(pp), "--num-microbatches", microbatches, *experts)
     reference, pipelined = _records(compact_runs / "single"), _records(run_dir)
     assert [r["step"] for r in pipelined] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in pipelined if "val_lm_loss" in r] == [r["step"] for r in reference if "val_lm_loss" in r] == EVALUATED
     identical = 0
     for want, got in zip(reference, pipelined):
-        for key in ("lm_loss", "mtp_loss"):
-            assert got[key] == pytest.approx(want[key], rel=1e-6), (got["step"], key)
+        assert losses(got) == pytest.approx(losses(want), rel=1e-6), got["step"]
         assert got["expert_load"].keys() == want["expert_load"].keys()
         identical += got["lm_loss"] == want["lm_loss"]
     if processes == pp:  # one replica: the first step is bit-identical (DP adds its losses in another order)
@@ -64,8 +68,9 @@ def test_killed_save_leaves_the_last_checkpoint_and_resume_is_bit_identical(comp
     _run(run_dir, 2, *pipeline, "--resume")
     reference, resumed = _records(compact_runs / "pp2"), _records(run_dir)
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in resumed if "ema_val_lm_loss" in r] == EVALUATED
     for want, got in zip(reference, resumed):
-        assert got == want, got["step"]  # every metric, bit for bit
+        assert got == want, got["step"]  # every metric, bit for bit (validation, the EMA's included)
     assert (checkpoints / "latest").read_text() == str(STEPS)
 
 
@@ -85,8 +90,8 @@ def test_dualpipe_trains_like_the_single_process_and_resumes_bit_identically(com
     _run(run_dir, 4, *pipeline)
     uninterrupted = _records(run_dir)
     for want, got in zip(_records(compact_runs / "single"), uninterrupted):
-        for key in ("lm_loss", "mtp_loss"):
-            assert got[key] == pytest.approx(want[key], rel=1e-6), (got["step"], key)
+        assert losses(got) == pytest.approx(losses(want), rel=1e-6), got["step"]
+    assert [r["step"] for r in uninterrupted if "val_lm_loss" in r] == EVALUATED
     (run_dir / "checkpoints" / "latest").write_text("2")  # as if the run had stopped after step 2
     _run(run_dir, 4, *pipeline, "--resume")
     assert _records(run_dir) == uninterrupted
