@@ -38,13 +38,36 @@ Limits (ValueError): tensor parallelism (sequence_parallel, all-reduced dgrad), 
 gradient accumulation (`gradient_accumulation_fusion`) and generalized-TP rematerialisation
 are not supported by `deferrable_linear`; DeepSeek-V3 trains without TP.
 
-With Transformer Engine this maps to TE's own mechanism: TE linears built with
-`delay_wgrad_compute=True` (Megatron's `config.delay_wgrad_compute`, with
-`DistributedDataParallelConfig.delay_wgrad_compute`) skip dW in backward and compute it in
-`module.backward_dw()`, which also fires the DDP hook registered through
-`register_wgrad_accumulation_and_reduce_hooks`; a W would call `backward_dw()` on the
-chunk's TE modules in B order. Megatron's local `wgrad_deferral_limit` only defers the
-output-embedding GEMM with gradient_accumulation_fusion, for the TP overlap, not per module.
+Transformer Engine modules (the `te` specs: TE Linear / LayerNormLinear and the grouped
+experts' GroupedLinear) defer through TE's own mechanism, `delay_wgrad_compute` and
+`backward_dw()` (TE >= 2.3), as Megatron's combined-1F1B schedule does. Megatron turns it on
+only with `config.delay_wgrad_compute`, which it accepts only together with
+`overlap_moe_expert_parallel_comm` (its own EP overlap), so `enable_weight_grad_deferral` turns
+it on per module instead: it gives each TE module a delaying `WeightGradStore` of TE's class
+(TE passes the store to its autograd function at forward time), and passes the module's input
+through an identity whose backward runs right after the module's own backward, once its dW
+is queued in TE's store. There, inside a capture (and for the weights `only` accepts), a
+closure is queued that calls TE's `backward_dw()` at the W; outside one, it calls it at once,
+so an undeferred backward still computes every dW. The identity also takes that use's entries
+out of TE's first-in-first-out store, and the closure puts them back alone before it calls
+`backward_dw()`, so each W computes its own use's dW whatever ran in between (an undeferred
+backward, the FB overlap's expert W's). `backward_dw()` writes `weight.grad` (overwriting: TE
+relies on DDP's hook to move it to main_grad); the closure keeps what `.grad` held, takes TE's
+result and hands it to autograd like the local linears' dW, so accumulation and DDP's hook are
+the same as above (a DDP hook TE fires itself, `register_wgrad_accumulation_and_reduce_hooks`,
+leaves `.grad` empty and nothing is handed on). Megatron's TE wrappers gate `backward_dw()` on `config.delay_wgrad_compute`, so the
+closure calls the first `backward_dw` in the module's class hierarchy defined outside
+Megatron (TE's). TE's deferred B returns no weight gradient (None); for a DDP-managed weight a
+pre-hook on its AccumulateGrad node then sets the placeholder and `grad_added_to_main_grad`, as
+the local linears do, since DDP's hook asserts a gradient under overlap_grad_reduce. Limits:
+TE's fused wgrad accumulation is gradient_accumulation_fusion (refused by `check_deferrable`);
+Userbuffers TP overlap (`ub_bulk_wgrad`) has no delayed path in TE; TE's fusible operations
+(`te.ops`, Megatron's fused grouped-MLP option) are left undeferred. Not run with TE here (no
+GPU): tests/gpu/test_te_weight_grad.py checks it against a stand-in with TE's store semantics
+on CPU and against TE itself where CUDA and TE are.
+
+Megatron's local `wgrad_deferral_limit` only defers the output-embedding GEMM with
+gradient_accumulation_fusion, for the TP overlap, not per module.
 """
 
 from __future__ import annotations
@@ -161,8 +184,9 @@ def _accumulate(closures: list) -> None:
     once (as autograd's input buffer does), and hand each sum to autograd (design note)."""
     sums: dict[torch.Tensor, torch.Tensor] = {}
     for weight, compute in closures:
-        grad = compute()
-        sums[weight] = grad if weight not in sums else sums[weight] + grad
+        pairs = compute() if isinstance(compute, _TEWeightGrads) else [(weight, compute())]
+        for weight, grad in pairs:
+            sums[weight] = grad if weight not in sums else sums[weight] + grad
     for weight in sums:
         if hasattr(weight, "grad_added_to_main_grad"):
             weight.grad_added_to_main_grad = False  # let DDP's hook add this real gradient
@@ -223,11 +247,14 @@ def deferrable_linear(input, weight, bias, gradient_accumulation_fusion, allredu
 
 def enable_weight_grad_deferral(model: torch.nn.Module) -> None:
     """Route the weight gradients of `model`'s local Column/RowParallelLinears (exactly those
-    classes; our FP8 subclasses defer by themselves) through `defer_or_compute`. In place,
-    idempotent. Frozen weights keep Megatron's path (no weight gradient to defer)."""
+    classes; our FP8 subclasses defer by themselves) through `defer_or_compute`, and those of its
+    Transformer Engine modules through TE's `backward_dw` (design note). In place, idempotent.
+    Frozen weights keep Megatron's path (no weight gradient to defer)."""
     for module in model.modules():
         if type(module) in (ColumnParallelLinear, RowParallelLinear) and "_forward_impl" not in vars(module):
             module._forward_impl = _deferrable_forward_impl(module)
+        elif is_te_deferrable(module) and not getattr(module, "_dsv3_te_deferral", False):
+            _enable_te_deferral(module)
 
 
 def _deferrable_forward_impl(module):
@@ -239,3 +266,139 @@ def _deferrable_forward_impl(module):
         return deferrable_linear(input, weight, *args, **kwargs)
 
     return forward_impl
+
+
+# --- Transformer Engine modules: TE's delay_wgrad_compute / backward_dw (design note)
+
+
+def is_te_deferrable(module: torch.nn.Module) -> bool:
+    """A TE module (a TransformerEngineBaseModule: Linear, LayerNormLinear, GroupedLinear, ...)
+    with TE's split backward: a `wgrad_store` (TE's WeightGradStore) and `backward_dw`. TE's
+    fusible operations (`te.ops`, run by their Sequential, not by `forward`) are not: they keep
+    their undeferred backward."""
+    store = getattr(module, "wgrad_store", None)
+    return (
+        any(cls.__name__ == "TransformerEngineBaseModule" for cls in type(module).__mro__)
+        and store is not None and hasattr(store, "delay_wgrad_compute") and callable(getattr(module, "backward_dw", None))
+    )
+
+
+def _te_backward_dw(module: torch.nn.Module):
+    """TE's own `backward_dw` of `module`: the first in its class hierarchy defined outside Megatron
+    (Megatron's TE wrappers do nothing unless config.delay_wgrad_compute)."""
+    for cls in type(module).__mro__:
+        if "backward_dw" in vars(cls) and not cls.__module__.startswith("megatron."):
+            return vars(cls)["backward_dw"].__get__(module)
+    raise TypeError(f"{type(module).__name__} has no backward_dw outside Megatron's wrappers (is it a TE module?)")
+
+
+class _TEWeightGrads:
+    """The W of one use of a TE module: `entries` are what TE's backward queued in the module's
+    store for that use (taken out at once, so that each W computes its own use's dW whatever
+    ran in between); TE's `backward_dw` computes them. Returns [(parameter, gradient)] for
+    `_accumulate`, leaving each `.grad` as it was."""
+
+    def __init__(self, module: torch.nn.Module, entries: list | None):
+        self.module, self.entries = module, entries
+
+    def __call__(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        held = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        queue = _store_queue(self.module)
+        others = None
+        try:
+            if self.entries is not None:
+                others = list(queue)
+                queue.clear()
+                queue.extend(self.entries)
+            _te_backward_dw(self.module)()
+            pairs = [(p, p.grad) for p in params if p.grad is not None]
+        finally:
+            for p, grad in zip(params, held):
+                p.grad = grad
+            if others is not None:
+                queue.clear()
+                queue.extend(others)
+        return pairs
+
+
+def _store_queue(module: torch.nn.Module):
+    """The deque under TE's WeightGradStore (a queue.Queue in `context`), or None."""
+    return getattr(getattr(module.wgrad_store, "context", None), "queue", None)
+
+
+def _take_entries(module: torch.nn.Module) -> list | None:
+    """Everything in the module's TE store: the use whose backward just ran (the others were
+    taken when theirs ran). None where the store is not the queue this was written against."""
+    queue = _store_queue(module)
+    if queue is None:
+        return None
+    entries = list(queue)
+    queue.clear()
+    return entries
+
+
+def _first_weight(module: torch.nn.Module) -> torch.Tensor | None:
+    return next((p for p in module.parameters() if p.requires_grad), None)
+
+
+class _TEBackwardDone(torch.autograd.Function):
+    """Identity on a TE module's input; its backward runs once the module's backward has queued
+    its dW in TE's store: the W is queued in the capture, or run at once outside one."""
+
+    @staticmethod
+    def forward(ctx, module, x, anchor):
+        ctx.module = module
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_x):
+        module = ctx.module
+        weight = _first_weight(module)
+        w = _TEWeightGrads(module, _take_entries(module))
+        if _capturing is not None and (_capturing[1] is None or _capturing[1](weight)):
+            _capturing[0].append((weight, w))
+        else:
+            pairs = w()
+            for p, _ in pairs:
+                if hasattr(p, "grad_added_to_main_grad"):
+                    p.grad_added_to_main_grad = False
+            if pairs:
+                torch.autograd.backward([p for p, _ in pairs], [g for _, g in pairs])
+        return None, grad_x, None
+
+
+def _enable_te_deferral(module: torch.nn.Module) -> None:
+    store = module.wgrad_store
+    if not store.delay_wgrad_compute():
+        module.wgrad_store = type(store)(delay_wgrad_compute=True)  # TE's class; TE >= 2.3
+    anchor = torch.zeros((), requires_grad=True)  # makes the identity's output need a gradient
+    te_forward = module.forward
+
+    def forward(x, *args, **kwargs):
+        if torch.is_grad_enabled() and _first_weight(module) is not None:
+            x = _TEBackwardDone.apply(module, x, None if x.requires_grad else anchor)
+        return te_forward(x, *args, **kwargs)
+
+    module.forward = forward
+    # TE's deferred B gives a DDP-managed weight no gradient; DDP's hook wants one under
+    # overlap_grad_reduce: the local linears' placeholder instead (design note)
+    module._dsv3_grad_accs = []
+    for p in module.parameters():
+        if p.requires_grad:
+            grad_acc = p.expand_as(p).grad_fn.next_functions[0][0]
+            grad_acc.register_prehook(_placeholder_for_no_gradient(p))
+            module._dsv3_grad_accs.append(grad_acc)
+    module._dsv3_te_deferral = True
+
+
+def _placeholder_for_no_gradient(param: torch.Tensor):
+    def prehook(grad_outputs):
+        if grad_outputs[0] is None and hasattr(param, "grad_added_to_main_grad") and param.grad is None:
+            param.grad = torch.empty_like(param)
+            param.grad_added_to_main_grad = True
+        return None
+
+    return prehook
