@@ -1,11 +1,18 @@
 """python -m megatron_dsv3.convert hf-to-mcore --hf DIR --out DIR --preset NAME [--set FIELD=JSON ...]
 python -m megatron_dsv3.convert mcore-to-hf --mcore DIR --out DIR --preset NAME [--set FIELD=JSON ...] [--fp8]
+
+hf-to-mcore also runs under torchrun (`torchrun --nproc-per-node N -m megatron_dsv3.convert
+hf-to-mcore ...`): the N processes share the tensors, each writes its part, and the checkpoint
+holds the same tensors as one process's. The checkpoint has no parallel layout of its own:
+Megatron's dist_checkpointing reshards it to the TP/PP/EP of whatever loads it.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+import torch
 
 from megatron_dsv3 import cpu
 from megatron_dsv3.config import ConfigError, parse_override, preset
@@ -26,26 +33,29 @@ def parser() -> argparse.ArgumentParser:
         command.add_argument("--out", required=True, help="output directory (must not exist)")
         command.add_argument("--preset", required=True, help="megatron_dsv3.config preset name")
         command.add_argument("--set", dest="overrides", type=parse_override, action="append", default=[],
-                             metavar="FIELD=JSON", help="override a preset field (repeatable)")
-        for flag in ("--tp", "--pp", "--ep"):
-            command.add_argument(flag, type=int, default=1, help="parallel size of the output (only 1: dist_checkpointing reshards on load)")
+                             metavar="FIELD=JSON", help="override a preset field (repeatable); "
+                             "hf-to-mcore writes params_dtype, e.g. --set 'params_dtype=\"bfloat16\"'")
     return top
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    for flag in ("tp", "pp", "ep"):
-        if getattr(args, flag) != 1:
-            print(f"error: --{flag} {getattr(args, flag)} is not supported yet: the converter writes one "
-                  "TP=PP=EP=1 checkpoint (dist_checkpointing reshards it on load). Fix: drop the flag.", file=sys.stderr)
-            return 2
     try:
         config = preset(args.preset, **dict(args.overrides))
-        init_distributed()
+        init_distributed()  # torchrun's processes, else this one
         cpu.enable()
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         if args.command == "hf-to-mcore":
-            hf_to_mcore(args.hf, args.out, config)
+            stats = hf_to_mcore(args.hf, args.out, config)
+            moved = torch.tensor([stats.bytes_read, stats.bytes_written], dtype=torch.float64)
+            if world > 1:
+                torch.distributed.all_reduce(moved)
+            if rank == 0:
+                print(f"hf -> mcore: read {moved[0] / 1e9:.2f} GB, wrote {moved[1] / 1e9:.2f} GB in {stats.seconds:.1f} s "
+                      f"on {world} process(es) ({moved[0] / 1e9 / stats.seconds:.2f} GB/s read)", file=sys.stderr)
         else:
+            if world > 1:
+                raise ConversionError(f"mcore-to-hf runs in one process, not {world}. Fix: run it without torchrun.")
             mcore_to_hf(args.mcore, args.out, config, fp8=args.fp8)
     except (ConfigError, ConversionError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -27,13 +27,33 @@ What this module does:
   - The Megatron model is built on the meta device: names, shapes and `sharded_state_dict()`
     without memory. Everything is checked against the safetensors headers (shard files,
     keys, shapes, dtypes) before a byte of output is written.
-  - hf -> mcore streams: `dist_checkpointing.save` runs with a save strategy whose DCP planner
-    materialises each Megatron tensor from its HF tensors when the writer asks for it, so
-    about one tensor is in memory at a time, whatever the number of shards. mcore -> hf
-    loads one layer at a time (`dist_checkpointing.load` of that layer's tensors only;
-    `ShardedObject`s, which would be unpickled, are never loaded).
+  - hf -> mcore streams (whose part is whose):
+      safetensors  `safe_open` validates each shard's header once; the data is then read with
+                   plain file reads at the header's offsets (`HFCheckpoint.read`): no memory
+                   map, so no shard stays resident in this process;
+      ours         each write item (a Megatron tensor, or one of linear_fc1's halves) is made
+                   from its HF tensor when its turn comes (FP8 dequantised 128 rows at a time);
+      torch DCP    `torch.distributed.checkpoint.save` plans and writes the torch_dist format;
+                   our `_StreamingWriter` replaces FileSystemWriter's write step (DCP's own
+                   `_write_item` per item, into one file per rank and ~`FILE_BYTES`): a thread
+                   makes the next tensor while the last is written, both in one buffer of the
+                   largest tensor's size, so memory does not grow with the shards;
+      Megatron     `dist_checkpointing.save` (common.pt, metadata.json, and its check that every
+                   tensor is written exactly once over all ranks).
+    Under torchrun every rank checks everything, then writes a contiguous share of the write
+    items (balanced by bytes; the others are marked as replicas, which dist_checkpointing
+    does not write). The tensors are the single process's bit for bit.
+  - mcore -> hf loads one layer at a time (`dist_checkpointing.load` of that layer's tensors
+    only; `ShardedObject`s, which would be unpickled, are never loaded).
   - FP8: DeepSeek's 128x128 block format (`weight` float8_e4m3fn, `weight_scale_inv` FP32 of
     shape ceil(out/128) x ceil(in/128), weight = fp8 * scale) in plain PyTorch.
+  - config.json: the input's is kept in the checkpoint as `hf_config.json` (plain JSON) and
+    comes back from mcore -> hf as it was, but for the weights' format (`torch_dtype`/`dtype`,
+    `quantization_config`); without it, config.json is made from the preset.
+  - dtypes on export are what HF's `save_pretrained` writes for a BF16 model: BF16, but the
+    router's `gate.weight` and `e_score_correction_bias` in FP32 (DeepseekV3's
+    `_keep_in_fp32_modules_strict`; Megatron trains both in FP32 too). DeepSeek's release
+    ships the gate in BF16: its round trip gives the same values in FP32.
   - Output goes to a temporary directory beside --out, renamed when complete.
   - The checkpoint has the local spec's names, TP=PP=EP=1 (dist_checkpointing reshards on
     load); `load_mcore_tensors` reads it back, and so does Megatron's own `dist_checkpointing.load`.
@@ -54,13 +74,15 @@ Where HF transformers' DeepseekV3 differs from the paper (and from Megatron):
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import functools
 import json
 import math
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +91,7 @@ from typing import NamedTuple
 import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.dict_utils import nested_values
-from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory, apply_factories
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory, apply_factories
 from megatron.core.dist_checkpointing.strategies.torch import (
     MCoreSavePlanner,
     TorchDistSaveShardedStrategy,
@@ -79,7 +101,9 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.distributed.checkpoint import CheckpointException, FileSystemWriter
+from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, SerializationFormat, _write_item
 from torch.distributed.checkpoint.planner import WriteItemType
+from torch.futures import Future
 from tqdm import tqdm
 
 from megatron_dsv3 import safe_load
@@ -90,6 +114,8 @@ from megatron_dsv3.specs import gpt_model
 SCALE_SUFFIX = "_scale_inv"  # "<name>.weight" -> "<name>.weight_scale_inv"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+HF_CONFIG_RECORD = "hf_config.json"  # in a converted checkpoint: the config.json it was converted from
+FILE_BYTES = 4 << 30  # hf -> mcore starts a new .distcp file of its rank after this many bytes
 SAFETENSORS_DTYPES = {
     "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F8_E4M3": torch.float8_e4m3fn,
 }
@@ -135,7 +161,9 @@ class Rule:
     rows: (i, n) when the HF tensor is row block i of n of the Megatron tensor.
     fp8: DeepSeek stores it as FP8 with 128x128 `weight_scale_inv` (linear weights of
       attention and MLPs; not embeddings, norms, the gate, lm_head or eh_proj).
-    hf_dtype: the dtype on HF's side when it is fixed (the expert bias stays FP32).
+    hf_dtype: the dtype export writes when it is not BF16: HF keeps the router's two tensors in
+      FP32 (`_keep_in_fp32_modules_strict`). Import accepts any float dtype (the release's
+      gate is BF16; its bias is FP32).
     copy_of_main: HF stores a copy of a main-model tensor that Megatron shares (MTP's
       embedding and head, report §2.2): import reads the main one, export writes the copy.
     """
@@ -167,7 +195,7 @@ TABLE: tuple[Rule, ...] = (
     Rule("dense", "{L}.mlp.gate_proj.weight", "{M}.mlp.linear_fc1.weight", rows=GATE, fp8=True),
     Rule("dense", "{L}.mlp.up_proj.weight", "{M}.mlp.linear_fc1.weight", rows=UP, fp8=True),
     Rule("dense", "{L}.mlp.down_proj.weight", "{M}.mlp.linear_fc2.weight", fp8=True),
-    Rule("moe", "{L}.mlp.gate.weight", "{M}.mlp.router.weight"),
+    Rule("moe", "{L}.mlp.gate.weight", "{M}.mlp.router.weight", hf_dtype=torch.float32),
     Rule("moe", "{L}.mlp.gate.e_score_correction_bias", "{M}.mlp.router.expert_bias", hf_dtype=torch.float32),
     Rule("moe", "{L}.mlp.shared_experts.gate_proj.weight", "{M}.mlp.shared_experts.linear_fc1.weight", rows=GATE, fp8=True),
     Rule("moe", "{L}.mlp.shared_experts.up_proj.weight", "{M}.mlp.shared_experts.linear_fc1.weight", rows=UP, fp8=True),
@@ -328,10 +356,39 @@ def check_hf_config(raw: dict, config: DeepSeekV3Config, where: str) -> None:
                               f"{FP8_TILE}x{FP8_TILE} blocks are supported. Fix: dequantise it first.")
 
 
-def hf_config(config: DeepSeekV3Config, fp8: bool) -> dict:
-    """A DeepSeek-V3 config.json for `config` (release layout)."""
+FP8_QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                           "weight_block_size": [FP8_TILE, FP8_TILE]}  # DeepSeek's release
+
+
+def max_position_embeddings(config: DeepSeekV3Config) -> int:
+    """The context length config.json states: with YaRN, factor x original_max_position_embeddings
+    (the release's 40 x 4096 = 163840; HF derives the YaRN factor from this quotient, so a smaller
+    value would turn YaRN off), else the preset's sequence length."""
+    if config.rope_type == "yarn":
+        return round(config.rotary_scaling_factor * config.original_max_position_embeddings)
+    return config.seq_length
+
+
+def hf_config(config: DeepSeekV3Config, fp8: bool, recorded: dict | None = None) -> dict:
+    """config.json for `config`'s weights, BF16 or (`fp8`) DeepSeek's FP8.
+
+    `recorded`: the config.json the checkpoint was converted from (`hf_config.json` in it,
+    checked against `config` by the caller). It comes back as it was, but for the weights'
+    format: its `torch_dtype`/`dtype` say bfloat16 (`torch_dtype` is added when it has
+    neither), `quantization_config` is DeepSeek's FP8 one (kept if it was one) or absent.
+    Without it: the release's layout, from `config`.
+    """
+    if recorded is not None:
+        out = copy.deepcopy(recorded)
+        for key in [k for k in ("torch_dtype", "dtype") if k in out] or ["torch_dtype"]:
+            out[key] = "bfloat16"
+        if not fp8:
+            out.pop("quantization_config", None)
+        elif (out.get("quantization_config") or {}).get("quant_method") != "fp8":
+            out["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)
+        return out
     out = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
-           "max_position_embeddings": config.seq_length, "torch_dtype": "bfloat16"}
+           "max_position_embeddings": max_position_embeddings(config), "torch_dtype": "bfloat16"}
     rope_scaling = {}
     for field in _config_fields(config):
         if field.hf.startswith("rope_scaling."):
@@ -340,8 +397,7 @@ def hf_config(config: DeepSeekV3Config, fp8: bool) -> dict:
             out[field.hf] = field.value(config)
     out["rope_scaling"] = rope_scaling if config.rope_type == "yarn" else None
     if fp8:
-        out["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                                      "weight_block_size": [FP8_TILE, FP8_TILE]}
+        out["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)
     return out
 
 
@@ -352,11 +408,64 @@ def fp8_scale_shape(shape_OI: tuple[int, int]) -> tuple[int, int]:
     return tuple(-(-n // FP8_TILE) for n in shape_OI)
 
 
-def dequantize_fp8(weight_OI: torch.Tensor, scale_inv_BoBi: torch.Tensor) -> torch.Tensor:
-    """FP32 weight = FP8 weight * its block's `weight_scale_inv` (DeepSeek's scale is our
-    dequantisation multiplier: `fp8.BlockwiseFP8` with 128x128 tiles)."""
-    blocks = BlockwiseFP8(data=weight_OI, scale=scale_inv_BoBi, tile=(FP8_TILE, FP8_TILE), shape=tuple(weight_OI.shape))
-    return blocks.dequantize(torch.float32)
+def _subnormal_inputs_kept() -> bool:
+    """Whether FP32 multiplication sees subnormal inputs as they are (no denormals-are-zero mode,
+    e.g. `torch.set_flush_denormal(True)`)."""
+    return (torch.tensor([2.0**-130]) * 2.0**100).item() == 2.0**-30  # 2^-130: subnormal in FP32
+
+
+def dequantize_fp8(weight_OI: torch.Tensor, scale_inv_BoBi: torch.Tensor, out: torch.Tensor | None = None,
+                   scratch: ReusedMemory | None = None) -> torch.Tensor:
+    """weight = FP8 weight * its block's `weight_scale_inv`, into `out` (default: a new FP32 tensor).
+
+    DeepSeek's scale is our dequantisation multiplier (`fp8.BlockwiseFP8` with 128x128 tiles,
+    whose `dequantize(float32)` gives the same values): each product is computed in FP32, where
+    the code is exact, then stored in `out`'s dtype (one rounding for BF16). 128 rows at a
+    time, in place in block-sized buffers (from `scratch` when given: no allocation at all),
+    the scale broadcast over its block: no full-size FP32 scale or product is made.
+
+    The codes are widened with integer operations, not torch's FP8 -> FP32 conversion (scalar
+    on CPU, ~4x slower): E4M3 s.eeee.mmm becomes the BF16 bits s.0000eeee.mmm0000 (the int8
+    code widened to int16, shifted left 4, masked with 0x87f0), which is the code's value
+    times 2^-120 exactly (subnormal codes included: they become subnormal BF16), so its FP32
+    product with scale * 2^120 (exact: a power of two) is the same real number as value * scale
+    and rounds to the same bits. Where that could fail, torch's conversion is used instead: a
+    block of rows with NaN codes (0x7f, 0xff), a |scale| >= 2^7 (scale * 2^120 would
+    overflow), or a denormals-are-zero floating-point mode.
+    """
+    BlockwiseFP8(data=weight_OI, scale=scale_inv_BoBi, tile=(FP8_TILE, FP8_TILE), shape=tuple(weight_OI.shape))  # checks
+    rows, cols = weight_OI.shape
+    out = torch.empty((rows, cols), dtype=torch.float32) if out is None else out
+    codes = weight_OI.view(torch.uint8)
+    by_bits = scale_inv_BoBi.numel() > 0 and bool(scale_inv_BoBi.abs().max() < 2.0**7) and _subnormal_inputs_kept()
+    scaled = scale_inv_BoBi * 2.0**120  # for codes widened by bits: their values x 2^-120
+    n = min(FP8_TILE, rows) * cols  # elements of a block of rows
+    work = scratch.tensor((7 * n,), torch.uint8) if scratch is not None else torch.empty(7 * n, dtype=torch.uint8)
+    product_all, bits_all, marks_all = work[: 4 * n].view(torch.float32), work[4 * n : 6 * n].view(torch.int16), work[6 * n :]
+    whole = cols - cols % FP8_TILE  # columns in whole 128-wide blocks
+    for block, start in enumerate(range(0, rows, FP8_TILE)):
+        stop = min(start + FP8_TILE, rows)
+        shape = (stop - start, cols)
+        product = out[start:stop] if out.dtype == torch.float32 else product_all[: math.prod(shape)].view(shape)
+        scale = scale_inv_BoBi[block]
+        if by_bits:
+            marks = marks_all[: math.prod(shape)].view(shape)
+            torch.bitwise_or(codes[start:stop], 0x80, out=marks)  # 0xff where a code is NaN (0x7f, 0xff)
+        if by_bits and marks.max().item() != 0xFF:
+            bits = bits_all[: math.prod(shape)].view(shape)
+            bits.copy_(codes[start:stop].view(torch.int8))  # sign-extended
+            bits.bitwise_left_shift_(4).bitwise_and_(0x87F0 - 0x10000)  # s.0000eeee.mmm0000 as int16
+            product.copy_(bits.view(torch.bfloat16))
+            scale = scaled[block]
+        else:
+            product.copy_(weight_OI[start:stop])
+        if whole:
+            product[:, :whole].unflatten(1, (whole // FP8_TILE, FP8_TILE)).mul_(scale[: whole // FP8_TILE, None])
+        if whole < cols:
+            product[:, whole:].mul_(scale[-1])
+        if out.dtype != torch.float32:
+            out[start:stop].copy_(product)
+    return out
 
 
 def quantize_fp8(weight_OI: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
@@ -388,6 +497,40 @@ def _tensor_specs(model) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
 # --- The HF side: safetensors shards, read through their headers --------------------------------
 
 
+class ReusedMemory:
+    """Tensors carved from one buffer that is kept between calls (grown to the largest asked
+    for); a tensor is valid until the next call. Memory in use again is already mapped:
+    freshly allocated tensors cost the kernel a page fault per 4 KiB, about as much as
+    dequantising them."""
+
+    def __init__(self, nbytes: int = 0):
+        self._storage = torch.UntypedStorage(0)
+        self.reserve(nbytes)
+
+    def reserve(self, nbytes: int) -> None:
+        """Grow the buffer to `nbytes` (say the largest size first: each growth is a new buffer)."""
+        if self._storage.nbytes() < nbytes:
+            self._storage = torch.UntypedStorage(0)  # the old buffer goes first
+            self._storage = torch.UntypedStorage(nbytes)
+
+    def tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        nbytes = math.prod(shape) * dtype.itemsize
+        self.reserve(nbytes)
+        return torch.empty(0, dtype=dtype).set_(self._storage[:nbytes], 0, shape)
+
+
+def _data_spans(path: Path) -> dict[str, tuple[int, int]]:
+    """Each tensor's byte range in a safetensors file, from its start. The format: an 8-byte
+    little-endian header length, the JSON header, the data; `data_offsets` count from the data's
+    start. Read after `safe_open` has validated the file (header, offsets within the file)."""
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+    start = 8 + length
+    return {name: (start + info["data_offsets"][0], start + info["data_offsets"][1])
+            for name, info in header.items() if name != "__metadata__"}
+
+
 @dataclass
 class HFCheckpoint:
     """An HF checkpoint's tensors as its headers describe them; tensors are read one at a time."""
@@ -397,6 +540,7 @@ class HFCheckpoint:
     file_of: dict[str, str]
     shape_of: dict[str, tuple[int, ...]]
     dtype_of: dict[str, str]  # safetensors dtype names ("BF16", "F8_E4M3", ...)
+    span_of: dict[str, tuple[int, int]]  # byte range in its file
 
     @classmethod
     def open(cls, directory: str | os.PathLike) -> HFCheckpoint:
@@ -416,7 +560,7 @@ class HFCheckpoint:
         names_in: dict[str, list[str]] = {}
         for name, file in file_of.items():
             names_in.setdefault(file, []).append(name)
-        shape_of, dtype_of = {}, {}
+        shape_of, dtype_of, span_of = {}, {}, {}
         for file, names in sorted(names_in.items()):
             path = directory / file
             if not path.exists():
@@ -430,18 +574,43 @@ class HFCheckpoint:
                                               "Fix: re-download the shard or the index.")
                     header = f.get_slice(name)
                     shape_of[name], dtype_of[name] = tuple(header.get_shape()), header.get_dtype()
-        return cls(directory, listing, file_of, shape_of, dtype_of)
+            spans = _data_spans(path)
+            span_of.update((name, spans[name]) for name in names)
+        return cls(directory, listing, file_of, shape_of, dtype_of, span_of)
 
     def where(self, name: str) -> Path:
         return self.directory / self.file_of[name]
 
-    def read(self, name: str) -> torch.Tensor:
-        """One tensor; the shard is mapped only while it is read, so nothing stays resident."""
-        with _shard(self.where(name)) as f:
-            try:
-                return f.get_tensor(name)
-            except SafetensorError as error:  # the header was whole, the data is not
-                raise ConversionError(f"{self.where(name)}: tensor {name} is unreadable ({error}). Fix: re-download the shard.") from None
+    def nbytes(self, name: str) -> int:
+        begin, end = self.span_of[name]
+        return end - begin
+
+    def dtype(self, name: str) -> torch.dtype:
+        return SAFETENSORS_DTYPES[self.dtype_of[name]]
+
+    def read(self, name: str, memory: ReusedMemory | None = None) -> torch.Tensor:
+        """One tensor, in `memory`'s buffer when given (valid until its next use)."""
+        nbytes = self.nbytes(name)
+        data = memory.tensor((nbytes,), torch.uint8) if memory is not None else torch.empty(nbytes, dtype=torch.uint8)
+        self.read_into(name, data)
+        return data.view(self.dtype(name)).reshape(self.shape_of[name])
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Tensor `name`'s bytes into contiguous `out` (exactly as many bytes), by plain reads
+        of its byte range: no memory map, so nothing of the shard stays in this process (the
+        page cache keeps what the system can spare)."""
+        path, (begin, end) = self.where(name), self.span_of[name]
+        view, done = memoryview(out.view(-1).view(torch.uint8).numpy()), 0
+        if len(view) != end - begin:
+            raise ValueError(f"read_into({name}): {len(view)} bytes given for its {end - begin}")
+        with open(path, "rb", buffering=0) as f:
+            f.seek(begin)
+            while done < len(view):  # one read returns at most ~2 GiB on Linux
+                count = f.readinto(view[done:])
+                if not count:
+                    raise ConversionError(f"{path}: tensor {name} ends after {done} of its {end - begin} bytes. "
+                                          "Fix: re-download the shard.")
+                done += count
 
 
 def _check_hf_tensors(hf: HFCheckpoint, expected: list[Entry], specs: dict) -> None:
@@ -478,7 +647,7 @@ def _check_hf_tensors(hf: HFCheckpoint, expected: list[Entry], specs: dict) -> N
         elif scale in hf.file_of:
             problems.append(f"tensor {scale} in {hf.where(scale)} scales {name}, which is not FP8. "
                             "Fix: remove the stray scale.")
-        allowed = (entry.rule.hf_dtype,) if entry.rule.hf_dtype else FLOAT_DTYPES + ((torch.float8_e4m3fn,) if entry.rule.fp8 else ())
+        allowed = FLOAT_DTYPES + ((torch.float8_e4m3fn,) if entry.rule.fp8 else ())
         if got not in allowed:
             problems.append(f"tensor {name} in {hf.where(name)} has dtype {hf.dtype_of[name]}; expected one of "
                             f"{[str(d).removeprefix('torch.') for d in allowed]}. Fix: convert that tensor.")
@@ -486,11 +655,19 @@ def _check_hf_tensors(hf: HFCheckpoint, expected: list[Entry], specs: dict) -> N
         raise ConversionError(f"{len(problems)} problem(s) in {hf.directory}:\n  " + "\n  ".join(problems[:50]))
 
 
-def _read_hf(hf: HFCheckpoint, name: str) -> torch.Tensor:
-    tensor = hf.read(name)
+def _read_hf_into(hf: HFCheckpoint, name: str, out: torch.Tensor, memory: ReusedMemory | None = None,
+                  scratch: ReusedMemory | None = None) -> None:
+    """HF tensor `name` into `out` (its shape, the checkpoint's dtype); FP8 is dequantised.
+    `memory` holds what is read (unless it is read into `out` itself), `scratch` the
+    dequantisation's block buffers."""
+    if hf.dtype(name) == out.dtype and out.is_contiguous():
+        hf.read_into(name, out)
+        return
+    tensor = hf.read(name, memory)
     if tensor.dtype == torch.float8_e4m3fn:
-        return dequantize_fp8(tensor, hf.read(name + SCALE_SUFFIX))
-    return tensor
+        dequantize_fp8(tensor, hf.read(name + SCALE_SUFFIX), out=out, scratch=scratch)
+    else:
+        out.copy_(tensor)
 
 
 # --- Output directory: temporary, renamed when complete ----------------------------------------
@@ -506,65 +683,262 @@ def _process_alive(pid: str) -> bool:
     return True
 
 
+def _rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _any_rank(flag: bool) -> bool:
+    """Whether `flag` holds on any rank of the default group (a collective where there are several)."""
+    _, world = _rank_and_world()
+    if world == 1:
+        return flag
+    value = torch.tensor([int(flag)])
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
 @contextmanager
 def _atomic_directory(out: str | os.PathLike) -> Iterator[Path]:
+    """A temporary directory beside `out`, renamed to `out` when the body succeeded on every rank.
+
+    With several ranks (torchrun), rank 0 makes it and names it after its pid; a rank whose
+    body failed makes every rank fail (no rank waits on one that is gone), and the directory
+    is removed.
+    """
     out = Path(out)
+    rank, world = _rank_and_world()
     if out.exists():
         raise ConversionError(f"--out {out} exists. Fix: remove it or choose a new directory.")
-    for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by a conversion that was killed
-        if not _process_alive(stale.name.rpartition("-")[2]):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    owner, failure = torch.tensor([os.getpid()]), None
+    if rank == 0:
+        try:
+            for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by a conversion that was killed
+                if not _process_alive(stale.name.rpartition("-")[2]):
+                    shutil.rmtree(stale, ignore_errors=True)
+            tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        except OSError as error:
+            owner[0], failure = -1, error
+    if world > 1:
+        torch.distributed.broadcast(owner, src=0)  # rank 0's pid names the directory; -1: it could not make it
+    if failure is not None:
+        raise failure
+    if owner.item() < 0:
+        raise ConversionError(f"rank 0 could not make the temporary directory beside {out} (its error is above).")
+    tmp = out.parent / f".{out.name}.partial-{owner.item()}"
     try:
-        yield tmp
-        os.replace(tmp, out)
+        try:
+            yield tmp
+        except BaseException:
+            _any_rank(True)
+            raise
+        if _any_rank(False):
+            raise ConversionError(f"another process of this conversion failed (its error is above); {out} was not written.")
+        renaming = None
+        if rank == 0:
+            try:
+                os.replace(tmp, out)
+            except OSError as error:
+                renaming = error
+        if _any_rank(renaming is not None):  # also: every rank returns once `out` is there
+            raise renaming or ConversionError(f"rank 0 could not rename its output to {out} (its error is above).")
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --- hf -> mcore ----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Chunk:
+    """One tensor of the Megatron checkpoint as its write item sees it: rows [start, stop) of
+    model tensor `model_key` (all of it, or one of linear_fc1's halves)."""
+
+    model_key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    sources: tuple[tuple[Entry, slice], ...]  # each HF tensor and the rows of this chunk it fills
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _chunk_of(model_key: str, view: torch.Tensor, full_shape: tuple[int, ...], dtype: torch.dtype,
+              sources: list[Entry]) -> _Chunk:
+    """The chunk that meta tensor `view` (a row block of the model tensor) is, with its HF sources."""
+    start = view.storage_offset() // math.prod(full_shape[1:])
+    stop = start + view.shape[0]
+    filled = []
+    for entry in sources:
+        rows = entry.rows_of(full_shape[0])
+        if rows.start >= stop or rows.stop <= start:
+            continue
+        if rows.start < start or rows.stop > stop or not view.is_contiguous():
+            raise ConversionError(f"{model_key}: write item rows [{start}, {stop}) cut HF tensor {entry.hf}: a mapping bug.")
+        filled.append((entry, slice(rows.start - start, rows.stop - start)))
+    if sum(rows.stop - rows.start for _, rows in filled) != stop - start:
+        raise ConversionError(f"{model_key}: HF tensors {[e.hf for e, _ in filled]} do not fill rows [{start}, {stop}): a mapping bug.")
+    return _Chunk(model_key, tuple(view.shape), dtype, tuple(filled))
+
+
 class _MaterialisingPlanner(MCoreSavePlanner):
-    """Megatron's DCP save planner whose tensor data is produced when the writer asks for it.
+    """Megatron's DCP save planner whose tensor data is made when the writer asks for it.
 
     The state dict holds meta tensors; `chunks` maps each write item (sharded key, offset) to
-    the model tensor it is a view of, and `materialise` makes that model tensor.
+    its `_Chunk`, and `materialise(chunk, out)` fills `out` with it.
     """
 
-    def __init__(self, chunks, materialise: Callable[[str], torch.Tensor], progress: tqdm):
+    def __init__(self, chunks: dict, materialise: Callable[[_Chunk, torch.Tensor], None], progress: tqdm):
         super().__init__(dedup_replicated_tensors=False, flatten_state_dict=False, flatten_sharded_tensors=False)
         self.chunks, self.materialise, self.progress = chunks, materialise, progress
+
+    def chunk_of(self, write_item) -> _Chunk:
+        return self.chunks[(write_item.index.fqn, tuple(write_item.index.offset))]
+
+    def make(self, write_item, out: torch.Tensor) -> torch.Tensor:
+        """The write item's tensor, made in `out` (its chunk's shape and dtype)."""
+        self.materialise(self.chunk_of(write_item), out)
+        self.progress.update()
+        return out.reshape(write_item.tensor_data.chunk.sizes)
 
     def resolve_data(self, write_item):
         if write_item.type == WriteItemType.BYTE_IO:
             return super().resolve_data(write_item)
-        model_key, meta_view = self.chunks[(write_item.index.fqn, tuple(write_item.index.offset))]
-        full = self.materialise(model_key)
-        self.progress.update()
-        view = full.as_strided(meta_view.shape, meta_view.stride(), meta_view.storage_offset())
-        return view.reshape(write_item.tensor_data.chunk.sizes)
+        chunk = self.chunk_of(write_item)
+        return self.make(write_item, torch.empty(chunk.shape, dtype=chunk.dtype))
+
+
+class _Arena:
+    """One buffer of the largest chunk's size. It holds the chunk being written and, when both
+    fit side by side, the next one being made; a tensor carved from it has a storage of exactly
+    its own bytes (torch.save writes a tensor's whole storage). Memory in use again is already
+    mapped: freshly allocated tensors cost the kernel a page fault per 4 KiB, about as much as
+    dequantising them."""
+
+    ALIGN = 64
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+        self.storage = torch.UntypedStorage(nbytes)
+
+    def place(self, nbytes: int, busy: tuple[int, int]) -> int | None:
+        """Where a chunk of `nbytes` fits beside bytes `busy` = [start, stop), or None."""
+        start, stop = busy
+        after = -(-stop // self.ALIGN) * self.ALIGN
+        if after + nbytes <= self.nbytes:
+            return after
+        return 0 if nbytes <= start else None
+
+    def tensor(self, offset: int, chunk: _Chunk) -> torch.Tensor:
+        return torch.empty(0, dtype=chunk.dtype).set_(self.storage[offset : offset + chunk.nbytes], 0, chunk.shape)
+
+
+class _RankFiles:
+    """This rank's .distcp files, `__<rank>_<n>.distcp`, a new one after `file_bytes`. Items are
+    written by DCP's own `_write_item` (torch.save format, what DCP's reader reads). What is
+    written goes to the kernel's writeback as it comes (`posix_fadvise(DONTNEED)` every
+    `WRITEBACK_BYTES`: the disk writes while the next tensors are made, and the output does not
+    crowd the page cache); each file is fsynced when complete."""
+
+    WRITEBACK_BYTES = 64 << 20
+
+    def __init__(self, directory: Path, prefix: str, transforms, file_bytes: int):
+        self.directory, self.prefix, self.transforms, self.file_bytes = directory, prefix, transforms, file_bytes
+        self.stream, self.name, self.count, self.handed, self.bytes_written = None, None, 0, 0, 0
+
+    def write(self, item, data):
+        if self.stream is None or self.stream.tell() >= self.file_bytes:
+            self.close()
+            self.name = f"{self.prefix}{self.count}{DEFAULT_SUFFIX}"
+            self.stream, self.count, self.handed = open(self.directory / self.name, "wb"), self.count + 1, 0
+        result = _write_item(self.transforms, self.stream, data, item, self.name, SerializationFormat.TORCH_SAVE)
+        if self.stream.tell() - self.handed >= self.WRITEBACK_BYTES:
+            self.stream.flush()
+            os.posix_fadvise(self.stream.fileno(), self.handed, self.stream.tell() - self.handed, os.POSIX_FADV_DONTNEED)
+            self.handed = self.stream.tell()
+        return result
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.flush()
+            os.fsync(self.stream.fileno())
+            self.bytes_written += self.stream.tell()
+            self.stream.close()
+            self.stream = None
+
+    def abandon(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+
+
+class _StreamingWriter(FileSystemWriter):
+    """torch DCP's FileSystemWriter with its write step replaced (FileSystemWriter's own loop
+    keeps every tensor of a file until the file is closed): this rank's tensors are made one
+    after the other, by one thread, in one `_Arena`, while the calling thread writes the one
+    made before (`_RankFiles`). So about one chunk is in memory (the largest), and making,
+    writing and the disk's writeback overlap.
+    torch.save computes no CRC32 of the records here: it halves the write speed, and torch.load
+    (hence DCP's reader and Megatron's) never checks it."""
+
+    def __init__(self, path, file_bytes: int = FILE_BYTES):
+        super().__init__(path, single_file_per_rank=True, sync_files=True, thread_count=1)
+        self.file_bytes, self.bytes_written = file_bytes, 0
+
+    def write_data(self, plan, planner: _MaterialisingPlanner) -> Future:
+        objects = [item for item in plan.items if item.type == WriteItemType.BYTE_IO]
+        tensors = [item for item in plan.items if item.type != WriteItemType.BYTE_IO]
+        sizes = [planner.chunk_of(item).nbytes for item in tensors]
+        arena = _Arena(max(sizes, default=0))
+        files = _RankFiles(Path(self.path), plan.storage_data.prefix, self.transforms, self.file_bytes)
+        crc32 = torch.serialization.get_crc32_options()
+        torch.serialization.set_crc32_options(False)
+        results = []
+        try:
+            with ThreadPoolExecutor(1, thread_name_prefix="hf-to-mcore") as maker:
+                results += [files.write(item, planner.resolve_data(item)) for item in objects]
+                made, at = None, 0  # the next tensor's future and its place in the arena
+                for i, item in enumerate(tensors):
+                    if made is None:
+                        made, at = maker.submit(planner.make, item, arena.tensor(0, planner.chunk_of(item))), 0
+                    data, made = made.result(), None
+                    if i + 1 < len(tensors):  # make the next while this one is written, if both fit
+                        place = arena.place(sizes[i + 1], (at, at + sizes[i]))
+                        if place is not None:
+                            made = maker.submit(planner.make, tensors[i + 1], arena.tensor(place, planner.chunk_of(tensors[i + 1])))
+                    results.append(files.write(item, data))
+                    if made is not None:
+                        at = place
+            files.close()
+        finally:
+            torch.serialization.set_crc32_options(crc32)
+            files.abandon()
+        self.bytes_written = files.bytes_written
+        future = Future()
+        future.set_result(results)
+        return future
 
 
 class _MaterialisingSave(TorchDistSaveShardedStrategy):
-    """Megatron's torch_dist format, written by torch's serial FileSystemWriter one tensor at a time.
-
-    One .distcp file per tensor chunk: torch 2.14's writer keeps every tensor of a file alive
-    until that file is closed, so a single file per rank would hold the whole model.
-    """
+    """Megatron's torch_dist format, written by `_StreamingWriter`."""
 
     def __init__(self, chunks, materialise, progress):
         super().__init__("torch_dist", 1)
         self.planner_args = (chunks, materialise, progress)
+        self.writer = None
 
     def save(self, sharded_state_dict, checkpoint_dir):
         by_key, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, keep_only_main_replica=True)
+        self.writer = _StreamingWriter(checkpoint_dir)
         try:
             torch.distributed.checkpoint.save(
                 mcore_to_pyt_state_dict(by_key, is_loading=False),
-                storage_writer=FileSystemWriter(checkpoint_dir, single_file_per_rank=False, thread_count=1),
+                storage_writer=self.writer,
                 planner=_MaterialisingPlanner(*self.planner_args),
             )
         except CheckpointException as error:  # DCP wraps what went wrong; show the reader's error itself
@@ -572,15 +946,46 @@ class _MaterialisingSave(TorchDistSaveShardedStrategy):
             raise exception from error
 
 
-def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, config: DeepSeekV3Config, progress: bool = True) -> None:
+@dataclass(frozen=True)
+class ConversionStats:
+    """What one rank of `hf_to_mcore` did."""
+
+    seconds: float  # from the call to the output's rename
+    bytes_read: int  # safetensors data this rank read (weights and FP8 scales)
+    bytes_written: int  # .distcp bytes this rank wrote
+    tensors: int  # write items this rank made
+    ranks: int
+
+
+def _owners(chunks: list[_Chunk], world: int) -> list[int]:
+    """The rank that writes each chunk: contiguous runs balanced by bytes (each rank reads about
+    its own range of the HF shards)."""
+    total = max(1, sum(c.nbytes for c in chunks))
+    owners, before = [], 0
+    for chunk in chunks:
+        owners.append(min(world - 1, (before + chunk.nbytes // 2) * world // total))
+        before += chunk.nbytes
+    return owners
+
+
+def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, config: DeepSeekV3Config,
+                progress: bool = True) -> ConversionStats:
     """Convert an HF DeepSeek-V3 checkpoint (BF16/FP32 or DeepSeek FP8) to a dist_checkpointing one.
 
-    Needs torch.distributed and Megatron's parallel state initialised (one process).
+    Needs torch.distributed and Megatron's parallel state initialised: one process, or every
+    process of a torchrun group, which then share the work (each writes its part; the output
+    holds the same tensors). The checkpoint's dtype is the config's `params_dtype` (the
+    router's expert bias stays FP32). The input config.json is kept as `hf_config.json`.
+    torch runs on one intra-op thread meanwhile: a thread makes the next tensor while this one
+    writes (torch's own threads would compete with both, and spin where cores are shared).
     """
+    started = time.perf_counter()
+    rank, world = _rank_and_world()
     hf_dir = Path(hf_dir)
     config_path = hf_dir / "config.json"
     if not config_path.exists():
         raise ConversionError(f"{config_path} is missing. Fix: point --hf at the directory with config.json.")
+    raw_config = config_path.read_bytes()
     check_hf_config(_read_json(config_path, "config"), config, str(config_path))
     hf = HFCheckpoint.open(hf_dir)
     model = meta_model(config)
@@ -596,27 +1001,58 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, config: D
         raise ConversionError(f"TABLE does not cover Megatron tensors {sorted(set(specs) - set(sources))[:5]} "
                               f"(or names absent ones {sorted(set(sources) - set(specs))[:5]}): a mapping bug.")
 
-    @functools.lru_cache(maxsize=1)  # linear_fc1's two halves are written as two chunks
-    def materialise(model_key: str) -> torch.Tensor:
-        shape, dtype = specs[model_key]
-        tensor = torch.empty(shape, dtype=dtype)
-        for entry in sources[model_key]:
-            tensor[entry.rows_of(shape[0])].copy_(_read_hf(hf, entry.hf))
-        return tensor
-
     sharded = model.sharded_state_dict()
     apply_factories(sharded)  # linear_fc1 -> its gate and up chunks, as dist_checkpointing.save would
-    chunks = {
-        (sh.key, tuple(sh.global_offset)): (model_key, sh.data)
-        for model_key, value in sharded.items()
-        for sh in nested_values([value])
-        if isinstance(sh, ShardedTensor)
-    }
-    with _atomic_directory(out_dir) as tmp, tqdm(total=len(chunks), desc="hf -> mcore", unit="tensor", disable=not progress) as bar:
-        dist_checkpointing.save(sharded, str(tmp), sharded_strategy=_MaterialisingSave(chunks, materialise, bar))
+    tensors, objects = [], []
+    for model_key, value in sharded.items():
+        for sh in nested_values([value]):
+            (tensors if isinstance(sh, ShardedTensor) else objects).append((model_key, sh))
+    chunk_list = [_chunk_of(key, sh.data, *specs[key], sources[key]) for key, sh in tensors]
+    owners = _owners(chunk_list, world)
+    chunks = {}
+    for (key, sh), chunk, owner in zip(tensors, chunk_list, owners):
+        sh.replica_id = 0 if owner == rank else 1  # dist_checkpointing writes main replicas (0) only
+        if owner == rank:
+            chunks[(sh.key, tuple(sh.global_offset))] = chunk
+    for _, sh in objects:
+        if isinstance(sh, ShardedObject):
+            sh.replica_id = 0 if rank == 0 else 1
+
+    bytes_read = 0
+    # what is read, when it is not read into the chunk itself, and dequantize_fp8's block buffers
+    # (one chunk is made at a time)
+    read_memory = ReusedMemory(max((hf.nbytes(e.hf) for c in chunks.values() for e, _ in c.sources
+                                    if hf.dtype(e.hf) != c.dtype), default=0))
+    scratch = ReusedMemory()
+
+    def materialise(chunk: _Chunk, out: torch.Tensor) -> None:
+        nonlocal bytes_read
+        for entry, rows in chunk.sources:
+            _read_hf_into(hf, entry.hf, out[rows], read_memory, scratch)
+            bytes_read += hf.nbytes(entry.hf) + (hf.nbytes(entry.hf + SCALE_SUFFIX) if entry.hf + SCALE_SUFFIX in hf.span_of else 0)
+
+    description = "hf -> mcore" if world == 1 else f"hf -> mcore (rank 0 of {world})"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the parallelism is the making thread beside the writing one (and the ranks)
+    try:
+        with (_atomic_directory(out_dir) as tmp,
+              tqdm(total=len(chunks), desc=description, unit="tensor", disable=not progress or rank != 0) as bar):
+            strategy = _MaterialisingSave(chunks, materialise, bar)
+            dist_checkpointing.save(sharded, str(tmp), sharded_strategy=strategy)
+            if rank == 0:
+                (tmp / HF_CONFIG_RECORD).write_bytes(raw_config)  # the input's bytes, for mcore -> hf
+    finally:
+        torch.set_num_threads(threads)
+    return ConversionStats(time.perf_counter() - started, bytes_read, strategy.writer.bytes_written, len(chunks), world)
 
 
 # --- mcore -> hf ----------------------------------------------------------------------------
+
+
+def recorded_hf_config(mcore_dir: str | os.PathLike) -> dict | None:
+    """The config.json a converted checkpoint was made from (`hf_config.json`), or None."""
+    path = Path(mcore_dir) / HF_CONFIG_RECORD
+    return _read_json(path, "recorded config") if path.exists() else None
 
 
 def load_mcore_tensors(mcore_dir: str | os.PathLike, config: DeepSeekV3Config, keys=None, model=None) -> dict[str, torch.Tensor]:
@@ -651,11 +1087,15 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, config
     """Convert a dist_checkpointing checkpoint to HF DeepSeek-V3: BF16, or DeepSeek's FP8 with `fp8`.
 
     One HF shard per decoder/MTP layer (plus one for the embedding and one for the head); one
-    layer's tensors are in memory at a time.
+    layer's tensors are in memory at a time. config.json is the one hf-to-mcore recorded
+    (`hf_config.json`), checked against `config`, else made from `config` (`hf_config`).
     """
     if not (Path(mcore_dir) / "metadata.json").exists():
         raise ConversionError(f"{mcore_dir} is not a dist_checkpointing checkpoint (no metadata.json). "
                               "Fix: point --mcore at the directory hf-to-mcore (or Megatron) wrote.")
+    recorded = recorded_hf_config(mcore_dir)
+    if recorded is not None:
+        check_hf_config(recorded, config, f"{Path(mcore_dir) / HF_CONFIG_RECORD} (the config.json it was converted from)")
     model = meta_model(config)
     groups: dict[str, list[Entry]] = {}
     for entry in entries(config):
@@ -675,4 +1115,4 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, config
             total_bytes += sum(t.nbytes for t in shard.values())
             del loaded, shard
         (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, indent=2))
-        (tmp / "config.json").write_text(json.dumps(hf_config(config, fp8), indent=2))
+        (tmp / "config.json").write_text(json.dumps(hf_config(config, fp8, recorded), indent=2))
