@@ -7,9 +7,9 @@ Each subcommand module has `add_parser(subparsers)`, which registers its options
 import argparse
 import sys
 
-from megatron_dsv3.bench import fp8_convergence, fp8_error, overlap, pipeline
+from megatron_dsv3.bench import convert, decode, fp8_accumulation, fp8_convergence, fp8_error, overlap, pipeline
 
-SUBCOMMAND_MODULES = (fp8_error, fp8_convergence, pipeline, overlap)
+SUBCOMMAND_MODULES = (fp8_error, fp8_accumulation, fp8_convergence, pipeline, overlap, convert, decode)
 
 
 def build_parser() -> argparse.ArgumentParser:

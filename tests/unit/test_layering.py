@@ -20,7 +20,7 @@ LAYERS = {
     "overlap": 3,
     "specs": 4,
     "pipeline": 5, "convert": 5,
-    "training": 6, "launch": 6,
+    "training": 6, "launch": 6, "generate": 6,
     "bench": 7,
 }
 FACE = "__init__"  # megatron_dsv3/__init__.py: hands on names of the config layer only, so it sits just above it
