@@ -14,6 +14,7 @@ os.environ["TORCHDYNAMO_DISABLE"] = "1"  # before torch is imported (the module 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from megatron.core import parallel_state  # noqa: E402
+from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker  # noqa: E402
 
 from megatron_dsv3 import cpu  # noqa: E402
 from megatron_dsv3.distributed import init_distributed  # noqa: E402
@@ -25,6 +26,15 @@ def megatron_on_this_process():
     cpu.enable()
     yield
     parallel_state.destroy_model_parallel()
+
+
+@pytest.fixture(autouse=True)
+def fresh_moe_metrics_tracker():
+    """Megatron's MoE metrics tracker is process-global and sized by the first model that records
+    into it: each test starts without one, so an in-process run of one model size (the compact
+    loop, generation) leaves nothing behind for the next test's model."""
+    destroy_moe_metrics_tracker()
+    yield
 
 
 @pytest.fixture
