@@ -1055,6 +1055,26 @@ def recorded_hf_config(mcore_dir: str | os.PathLike) -> dict | None:
     return _read_json(path, "recorded config") if path.exists() else None
 
 
+DCP_METADATA = "metadata.json"  # what marks a dist_checkpointing directory
+TRACKERS = ("latest", "latest_checkpointed_iteration.txt")  # the compact loop's, Megatron-LM's
+
+
+def tracked_checkpoint(directory: str | os.PathLike) -> Path:
+    """A checkpoint root's newest checkpoint (the `iter_N` or `release` its tracker file names), or
+    `directory` itself when it has no tracker; a tracker naming no dist_checkpointing directory is
+    a ConversionError. Used by everything that reads weights (training's --init-from, generate)."""
+    directory = Path(directory)
+    for tracker in TRACKERS:
+        if (directory / tracker).is_file():
+            step = (directory / tracker).read_text().strip()
+            chosen = directory / ("release" if step == "release" else f"iter_{int(step):07d}" if step.isdigit() else step)
+            if not (chosen / DCP_METADATA).is_file():
+                raise ConversionError(f"{directory}: {tracker} names {step!r}, but {chosen} is not a dist_checkpointing "
+                                      "checkpoint. Fix: point at one iter_N directory.")
+            return chosen
+    return directory
+
+
 def load_mcore_tensors(mcore_dir: str | os.PathLike, config: DeepSeekV3Config, keys=None, model=None) -> dict[str, torch.Tensor]:
     """The tensors (all, or `keys`) of a dist_checkpointing checkpoint by model state-dict name.
 

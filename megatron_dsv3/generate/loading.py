@@ -33,7 +33,9 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factor
 from megatron_dsv3 import safe_load
 from megatron_dsv3.config import DeepSeekV3Config, preset
 from megatron_dsv3.convert.hf import (
+    DCP_METADATA,
     HF_CONFIG_RECORD,
+    TRACKERS,
     ConversionError,
     check_hf_config,
     hf_to_mcore,
@@ -41,12 +43,11 @@ from megatron_dsv3.convert.hf import (
     max_position_embeddings,
     meta_model,
     recorded_hf_config,
+    tracked_checkpoint,
 )
 from megatron_dsv3.datasets import ByteTokenizer, check_data
 from megatron_dsv3.specs import gpt_model
 
-DCP_METADATA = "metadata.json"  # what marks a dist_checkpointing directory
-TRACKERS = ("latest", "latest_checkpointed_iteration.txt")  # the compact loop's, Megatron-LM's
 MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.", "mtp.")  # a model tensor (not optimizer./ema.)
 TOKENIZER_FILE = "tokenizer.json"
 RUN_CONFIG = "config.json"  # the compact loop's record of a run (its "train" section: preset, overrides)
@@ -73,14 +74,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     directory = Path(path)
     if (directory / "checkpoints").is_dir() and not (directory / DCP_METADATA).is_file():
         directory = directory / "checkpoints"  # a compact-loop run directory
-    for tracker in TRACKERS:
-        if (directory / tracker).is_file():
-            step = (directory / tracker).read_text().strip()
-            chosen = directory / ("release" if step == "release" else f"iter_{int(step):07d}" if step.isdigit() else step)
-            if not (chosen / DCP_METADATA).is_file():
-                raise GenerateError(f"--checkpoint {path}: {tracker} names {step!r}, but {chosen} is not a "
-                                    "dist_checkpointing checkpoint. Fix: point --checkpoint at one iter_N directory.")
-            return chosen
+    try:
+        directory = tracked_checkpoint(directory)
+    except ConversionError as error:
+        raise GenerateError(f"--checkpoint {error}") from None
     if not (directory / DCP_METADATA).is_file():
         raise GenerateError(
             f"--checkpoint {path}: not a dist_checkpointing checkpoint (no {DCP_METADATA}, no {' or '.join(TRACKERS)})"

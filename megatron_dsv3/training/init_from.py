@@ -36,11 +36,9 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTenso
 
 from megatron_dsv3 import safe_load
 from megatron_dsv3.config import DeepSeekV3Config
-from megatron_dsv3.convert.hf import INDEX_FILE, SINGLE_FILE, ConversionError, check_hf_config
+from megatron_dsv3.convert.hf import DCP_METADATA, INDEX_FILE, SINGLE_FILE, ConversionError, check_hf_config, tracked_checkpoint
 
 CONVERTED = "init-from-hf"  # under RUN_DIR: an HF directory's conversion
-DCP_METADATA = "metadata.json"  # what marks a dist_checkpointing directory
-TRACKERS = ("latest", "latest_checkpointed_iteration.txt")  # the compact loop's, Megatron-LM's
 
 
 class InitFromError(ValueError):
@@ -55,24 +53,14 @@ class Source:
     hf: bool  # an HF directory, converted first
 
 
-def _tracked(directory: Path) -> Path:
-    """A checkpoint root's newest checkpoint: the step its tracker file names."""
-    for tracker in TRACKERS:
-        if (directory / tracker).is_file():
-            step = (directory / tracker).read_text().strip()
-            chosen = directory / ("release" if step == "release" else f"iter_{int(step):07d}" if step.isdigit() else step)
-            if not (chosen / DCP_METADATA).is_file():
-                raise InitFromError(f"--init-from {directory}: {tracker} names {step!r}, but {chosen} is not a "
-                                    "dist_checkpointing checkpoint. Fix: point --init-from at one iter_N directory.")
-            return chosen
-    return directory
-
-
 def resolve(directory: Path | None, config: DeepSeekV3Config) -> Source | None:
     """The source of `--init-from directory`, checked before any work (None: a random start)."""
     if directory is None:
         return None
-    directory = _tracked(Path(directory))
+    try:
+        directory = tracked_checkpoint(directory)
+    except ConversionError as error:
+        raise InitFromError(f"--init-from {error}") from None
     if (directory / DCP_METADATA).is_file():
         return Source(directory, hf=False)
     if (directory / "config.json").is_file() and ((directory / INDEX_FILE).is_file() or (directory / SINGLE_FILE).is_file()):

@@ -58,7 +58,7 @@ def _hf_loss_on_first_batch(hf_model, run_dir) -> float:
 
 @pytest.fixture(scope="module")
 def fine_tuned(tmp_path_factory):
-    """(HF's first-batch loss, the single process's metrics, its run directory)."""
+    """(HF's first-batch loss, the single process's metrics, its run directory, its summary, the HF directory)."""
     hf_model = tiny_hf_model(num_hidden_layers=LAYERS)
     with torch.no_grad():  # confident logits (a random init's loss is about ln(vocab), whatever the weights)
         hf_model.lm_head.weight.mul_(32)
@@ -66,11 +66,11 @@ def fine_tuned(tmp_path_factory):
     release_like(hf_model, hf_dir)
     run_dir = tmp_path_factory.mktemp("runs") / "single"
     summary = train(_args(run_dir, init_from=hf_dir))
-    return _hf_loss_on_first_batch(hf_model, run_dir), compact.records(run_dir), run_dir, summary
+    return _hf_loss_on_first_batch(hf_model, run_dir), compact.records(run_dir), run_dir, summary, hf_dir
 
 
 def test_fine_tuning_starts_from_hf_loss_and_lowers_it(fine_tuned):
-    hf_loss, records, run_dir, summary = fine_tuned
+    hf_loss, records, run_dir, summary, _ = fine_tuned
     assert (run_dir / CONVERTED / "metadata.json").exists()
     assert records[0]["lm_loss"] == pytest.approx(hf_loss, rel=1e-5, abs=1e-5)
     assert summary["final_lm_loss"] < records[0]["lm_loss"] - 0.3
@@ -82,7 +82,7 @@ def test_fine_tuning_starts_from_hf_loss_and_lowers_it(fine_tuned):
          "--num-microbatches", str(MICROBATCHES // 2)]),
 ], ids=["dualpipev-pp2", "dualpipe-pp2-ep2-dp2"])
 def test_converted_checkpoint_in_every_layout_gives_the_single_process_step(fine_tuned, tmp_path, processes, layout):
-    _, single, run_dir, _ = fine_tuned
+    _, single, run_dir, _, _ = fine_tuned
     run = tmp_path / "run"
     compact.run(run, processes, "--init-from", str(run_dir / CONVERTED), *SETS, "--steps", "1", "--warmup-steps", "0",
                 "--micro-batch-size", str(MICRO), "--num-microbatches", str(MICROBATCHES), "--lr", "1e-3",
@@ -96,7 +96,7 @@ def test_megatron_lm_fine_tunes_from_the_converted_checkpoint(fine_tuned, tmp_pa
     """README's recipe: the conversion as Megatron-LM's `release` checkpoint, then
     `--pretrained-checkpoint DIR --finetune`, here on DP=2 with the distributed optimizer;
     iteration 1 reports HF's loss on the same global batch."""
-    hf_loss, _, run_dir, _ = fine_tuned
+    hf_loss, _, run_dir, _, _ = fine_tuned
     shutil.copytree(run_dir / CONVERTED, tmp_path / "pretrained" / "release")
     (tmp_path / "pretrained" / "latest_checkpointed_iteration.txt").write_text("release")
     corpus = build_indexed_corpus(run_dir.parent / ".corpus-cache", CORPUS)
@@ -116,8 +116,7 @@ def test_megatron_lm_fine_tunes_from_the_converted_checkpoint(fine_tuned, tmp_pa
 
 
 def test_bad_init_from_is_named_before_any_work(fine_tuned, tmp_path):
-    _, _, run_dir, _ = fine_tuned
-    hf_dir = next(run_dir.parent.parent.glob("hf*"))
+    _, _, run_dir, _, hf_dir = fine_tuned
     with pytest.raises(InitFromError, match="nowhere: neither an HF checkpoint.*it does not exist. Fix"):
         resolve(tmp_path / "nowhere", preset("tiny", **OVERRIDES, num_layers=LAYERS))
     with pytest.raises(InitFromError, match="'num_experts_per_tok'=4 disagrees.*Fix"):
