@@ -7,7 +7,9 @@ Every expert-parallel all-to-all (overlap/dispatch.py) and every pipeline bounda
 (pipeline/comm.py) goes through this module. An all-to-all or a send is issued at once and
 asynchronously (`async_op=True`: gloo runs it on its own threads, NCCL on its communication
 stream) and returns a `Transfer`; the consumer calls `wait()` when it needs the data, and may
-compute something else in between (the FB overlap, overlap/handover.py). Receives block.
+compute something else in between (the FB overlap, overlap/handover.py). A receive is posted
+(`irecv`) and waited for (`Receive.wait()`) when its data is needed: pipeline/comm.py posts
+each one as soon as the one before it on its stream has arrived.
 
 Emulated link (opt-in, process-wide; every rank of a job must set the same one: `emulate`,
 `--emulate-link GBPS,LATENCY_US` in the training CLI and `bench overlap`). GBPS is in 10^9
@@ -25,7 +27,7 @@ gloo still makes an all-to-all wait for its last peer to issue, as a real one wo
 
 The clock (`totals()`) keeps, per label ("dispatch", "combine", their backwards, "p2p"):
 operations, bytes sent to other ranks, rows sent, bytes on the (emulated) wire, communication
-time and time blocked (what callers spent in `wait()` and in receives). A transfer's
+time and time blocked (what callers spent in `wait()`, of transfers and receives). A transfer's
 communication time is, emulated, its own time on the link (bytes / bandwidth + latency; not
 the time it queued behind another), else from issue to completion as seen by its waiter. The executor reads it around each
 action: the timeline's compute versus blocked time (pipeline/dualpipe.py).
@@ -227,14 +229,29 @@ def isend(tensor: torch.Tensor, dst: int, group: dist.ProcessGroup) -> Transfer:
     return Transfer(works, P2P, f"the pipeline send to global rank {dst}", issued, done_at, service_s, keep=keep)
 
 
-def recv(tensor: torch.Tensor, src: int, group: dist.ProcessGroup) -> None:
-    """Receive into `tensor` from global rank `src` over `group` (blocks; the time is counted)."""
-    entered = time.time()
-    done_at = None
-    if _port is not None:
+class Receive:
+    """A posted receive (`irecv`); `wait()` returns once the data is in its tensor (on an emulated
+    link, no earlier than the `done` time its sender stamped), counting the time blocked."""
+
+    def __init__(self, works: list, stamp: torch.Tensor | None):
+        self._works = works
+        self._stamp = stamp
+
+    def wait(self) -> None:
+        """Raises torch's error unchanged when the transfer fails (the caller names the peers)."""
+        entered = time.time()
+        for work in self._works:
+            work.wait()
+        _sleep_until(float(self._stamp) if self._stamp is not None else None)
+        _add(P2P, blocked_s=time.time() - entered)
+
+
+def irecv(tensor: torch.Tensor, src: int, group: dist.ProcessGroup) -> Receive:
+    """Post a receive into `tensor` from global rank `src` over `group`; the data may arrive
+    while the caller computes. `wait()` before reading `tensor`."""
+    stamp, works = None, []
+    if _port is not None:  # the sender's stamp travels ahead of the data (module note)
         stamp = torch.empty(1, dtype=torch.float64, device=tensor.device)
-        dist.recv(stamp, src=src, group=group)
-        done_at = float(stamp)
-    dist.recv(tensor, src=src, group=group)
-    _sleep_until(done_at)
-    _add(P2P, blocked_s=time.time() - entered)
+        works.append(dist.irecv(stamp, src=src, group=group))
+    works.append(dist.irecv(tensor, src=src, group=group))
+    return Receive(works, stamp)

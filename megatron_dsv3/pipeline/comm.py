@@ -2,8 +2,13 @@
 
 Every tensor exchanged is one stage boundary of one micro-batch: shape
 (sequence, micro-batch, hidden), known to both sides, so nothing but the data travels.
-Sends are non-blocking (`isend`, kept until done); receives block until the data is there,
-so a rank waits only for what its next action needs. Both go through overlap/link.py, which
+Sends are non-blocking (`isend`, kept until done). Receives are posted ahead: the executor
+announces at the start of a step how many tensors it will take from each (neighbour,
+stream) (`expect`), the first of each is posted at once and each next one as soon as the one
+before it has been taken, so a boundary tensor travels while the rank computes (gloo moves
+a message only once its receive is posted). `recv` waits for the posted one: a rank waits
+only for what its next action needs, and at most one receive per (neighbour, stream) is
+outstanding, one boundary tensor of memory each. Both go through overlap/link.py, which
 counts the time blocked and, with an emulated link, delays the data as the link would.
 
 Between two neighbours, each direction carries two streams: activations of one chunk and
@@ -19,7 +24,7 @@ the executors' calls are: all ranks run the step.
 
 Failures. A receive whose sender has died fails at once (gloo: "Connection closed by
 peer"); one whose sender is alive but never sends (stuck, or in its own error handling)
-fails after the pipeline group's timeout: gloo's blocking `recv` honours it (measured with
+fails after the pipeline group's timeout: gloo's wait on a receive honours it (measured with
 torch 2.14). That timeout is the one the group was created with: Megatron's
 `initialize_model_parallel(distributed_timeout_minutes=...)` (Megatron-LM
 `--distributed-timeout-minutes`, default 30), not `init_process_group(timeout=...)`, which
@@ -58,7 +63,7 @@ def stream_groups(group: dist.ProcessGroup, device: torch.device) -> dict[int, d
 
 class NeighbourP2P:
     """Sends and receives boundary tensors to pipeline ranks of `group` (group ranks, not
-    global ones), each stream over its own group."""
+    global ones), each stream over its own group; receives posted ahead (module note)."""
 
     def __init__(self, group: dist.ProcessGroup, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
         self.group = group
@@ -68,6 +73,23 @@ class NeighbourP2P:
         self._global_ranks = dist.get_process_group_ranks(group)
         self._streams = stream_groups(group, device)
         self._in_flight: list[link.Transfer] = []
+        self._to_post: dict[tuple[int, int], int] = {}  # (from rank, stream) -> receives not yet posted
+        self._posted: dict[tuple[int, int], tuple[torch.Tensor, link.Receive]] = {}
+
+    def expect(self, receives: dict[tuple[int, int], int]) -> None:
+        """The step's receives, as counts per (from rank, stream); posts the first of each."""
+        self._to_post = {key: count for key, count in receives.items() if count > 0}
+        for key in list(self._to_post):
+            self._post(key)
+
+    def _post(self, key: tuple[int, int]) -> None:
+        if not self._to_post.get(key):
+            self._to_post.pop(key, None)
+            return
+        self._to_post[key] -= 1
+        from_rank, stream = key
+        tensor = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        self._posted[key] = (tensor, link.irecv(tensor, src=self._global_ranks[from_rank], group=self._streams[stream]))
 
     def send(self, tensor: torch.Tensor, to_rank: int, stream: int) -> None:
         if tuple(tensor.shape) != self.shape or tensor.dtype != self.dtype:
@@ -80,18 +102,28 @@ class NeighbourP2P:
         self._in_flight.append(transfer)  # it holds the payload until sent
 
     def recv(self, from_rank: int, stream: int) -> torch.Tensor:
-        tensor = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        """The next tensor of `stream` from `from_rank` (announced by `expect`), once it is here."""
+        key = (from_rank, stream)
+        if key not in self._posted:
+            raise RuntimeError(f"pipeline rank {self.group.rank()}: receiving {_STREAMS[stream]} from pipeline rank "
+                               f"{from_rank} that the step did not announce (expect): the executor's count is wrong.")
+        tensor, receive = self._posted.pop(key)
         try:
-            link.recv(tensor, src=self._global_ranks[from_rank], group=self._streams[stream])
+            receive.wait()
         except RuntimeError as error:  # torch's DistBackendError is one
             raise RuntimeError(
                 f"pipeline rank {self.group.rank()}: receiving {_STREAMS[stream]} from pipeline rank {from_rank} failed: "
                 f"{error}. That rank failed, hangs, or is unreachable (see its own error); one that hangs is detected "
                 f"only after the pipeline group's timeout. {link.TIMEOUT_FIX}"
             ) from error
+        self._post(key)
         return tensor
 
     def wait_all(self) -> None:
+        """The end of a step: every send done, every announced receive taken."""
         for transfer in self._in_flight:
             transfer.wait()
         self._in_flight = []
+        if self._to_post or self._posted:
+            raise RuntimeError(f"pipeline rank {self.group.rank()}: the step ended with receives announced but not taken: "
+                               f"{sorted(set(self._to_post) | set(self._posted))}")

@@ -27,8 +27,10 @@ a dict), or none (it takes tokens, or it computes the loss). Each rank walks its
        runs the forward, then the backward.
 Reusing Megatron's forward_step / backward_step sets the MoE and MTP loss scales, divides
 the loss by the micro-batch count and applies `grad_scale_func`, as upstream schedules do.
-Sends are non-blocking and receives block (comm.py), so a rank waits only for what its next
-action needs; the orders are deadlock-free under that rule (simulate.py replays them).
+Sends are non-blocking; receives are posted ahead, each as soon as the one before it on its
+stream has arrived, and waited for when an action needs the data (comm.py), so a rank waits
+only for what its next action needs; the orders are deadlock-free under that rule
+(simulate.py replays them).
 DDP's sync of a chunk must see the B and the W of its last micro-batch: both run outside
 `no_sync`. DualPipe's mirrors (rank r's chunk 0 and rank P-1-r's chunk 1) sum their expert
 loads before `finalize_model_grads` and their gradients after it (`_sum_with_mirror`), so both
@@ -53,6 +55,7 @@ send/recv pairs do not express two chunks; comm.py uses the same pipeline group)
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -394,6 +397,7 @@ class _RankExecutor:
             for chunk in self.model:
                 enable_weight_grad_deferral(chunk)
             self.grad_sync.hold()
+        self.p2p.expect(self._remote_receives(actions))
         for action in actions:
             self.handovers = []
             if self.timeline is None:
@@ -428,6 +432,17 @@ class _RankExecutor:
             self.forward_backward(action)
 
     # -- where each chunk's boundary tensors come from and go to ---------------------------
+
+    def _remote_receives(self, actions) -> collections.Counter:
+        """How many tensors `actions` take from each (other rank, stream): what `_receive` will
+        be asked for, so that comm.py can post each receive ahead."""
+        receives = collections.Counter()
+        for action in actions:
+            for kind, chunk, _ in action.computations():
+                stream, neighbour = {"F": (ACTIVATION, self.previous[chunk]), "B": (GRADIENT, self.next[chunk])}.get(kind, (None, None))
+                if neighbour is not None and neighbour.rank != self.rank and not (self.forward_only and kind == "B"):
+                    receives[neighbour.rank, stream] += 1
+        return receives
 
     def _receive(self, stream: int, neighbour: Neighbour | None, chunk: int, microbatch: int) -> torch.Tensor | None:
         if neighbour is None:

@@ -105,7 +105,7 @@ def _worker(rank: int, port: int, out_dir: str):
         transfer.wait()
         report["p2p"] = {"totals": link.totals()}
     else:
-        link.recv(tensor, src=0, group=group)
+        link.irecv(tensor, src=0, group=group).wait()
         arrived = time.time()
         issued = torch.empty(1, dtype=torch.float64)
         torch.distributed.recv(issued, src=0)
