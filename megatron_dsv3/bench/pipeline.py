@@ -15,7 +15,10 @@ the formula is exact (simulate.py's docstring); `agree` whether the replay gives
 
 With --peers it also measures, on P gloo processes of this host, the step time of our
 DualPipeV executor, torch.distributed.pipelining's ScheduleDualPipeV and its Schedule1F1B
-on the same model, weights and data (pipeline_peers.py), and their first-step losses.
+on the same model, weights and data (pipeline_peers.py), and their first-step losses; next
+to each, the step and bubble the simulator predicts from the action costs measured in the
+same run. --peers-size wide makes the step compute-bound; --peers-profile N adds where each
+schedule's host time goes.
 
 The last line of output is one JSON object (see `run`; with --peers it has a "peers" key,
 see `pipeline_peers.run_peers`).
@@ -28,7 +31,7 @@ import json
 import math
 import sys
 
-from megatron_dsv3.bench.pipeline_peers import PeersSetup, format_peers, run_peers
+from megatron_dsv3.bench.pipeline_peers import SIZES, PeersSetup, format_peers, run_peers
 from megatron_dsv3.pipeline.registry import SCHEDULES
 from megatron_dsv3.pipeline.simulate import Costs, simulate_schedule
 
@@ -128,6 +131,12 @@ def add_parser(subparsers) -> None:
     peers.add_argument("--peers-microbatches", type=int, help="micro-batches per global batch (default: 4P)")
     peers.add_argument("--peers-warmup", type=int, default=2, help="untimed rounds (one step of each schedule) first (default: 2)")
     peers.add_argument("--peers-steps", type=int, default=5, help="timed steps of each schedule (default: 5)")
+    peers.add_argument("--peers-size", choices=sorted(SIZES), default="tiny",
+                       help="layer widths: tiny (overhead-bound, default) or wide (compute-bound: a step of seconds)")
+    peers.add_argument("--peers-cost-steps", type=int, default=3,
+                       help="recorded steps of ours whose action times give the simulator's costs (default: 3)")
+    peers.add_argument("--peers-profile", type=int, default=0, metavar="N",
+                       help="also profile N steps of each schedule (cProfile): host time by category, overhead per action")
     parser.set_defaults(main=main)
 
 
@@ -136,7 +145,8 @@ def main(args: argparse.Namespace) -> int:
         result = run(Costs(F=args.F, B=args.B, W=args.W, FB=args.FB), pps=args.pp, microbatches=args.microbatches)
         peers = PeersSetup(
             num_ranks=args.peers_pp, num_microbatches=args.peers_microbatches or default_microbatches(args.peers_pp),
-            warmup_steps=args.peers_warmup, timed_steps=args.peers_steps,
+            warmup_steps=args.peers_warmup, timed_steps=args.peers_steps, size=args.peers_size,
+            cost_steps=args.peers_cost_steps, profile_steps=args.peers_profile,
         ) if args.peers else None
     except ValueError as error:
         print(f"pipeline: {error}", file=sys.stderr)

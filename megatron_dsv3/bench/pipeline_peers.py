@@ -3,8 +3,11 @@
 Design note
 -----------
 What runs. P processes (gloo, one thread each: they share the host's cores) build the
-`tiny` preset without MTP, 2P decoder layers (one per DualPipeV stage), and time one global
-batch of M micro-batches (forward + backward, no optimizer step) under
+`tiny` preset without MTP, 2P decoder layers (one per DualPipeV stage), at the widths of
+`--peers-size` (`SIZES`: tiny's own, where a step of tenths of a second is decided by the
+host cost of each action and P2P; or `wide`, where the GEMMs decide and a step takes about a
+second on 2 processes), and time one global batch of M micro-batches (forward + backward, no
+optimizer step) under
   ours_dualpipev    the registry's DualPipeV executor over `layout.dualpipev_chunks` (2P stages
                     in a V: rank r holds stages r and 2P-1-r);
   torch_dualpipev   torch.distributed.pipelining's `ScheduleDualPipeV`, the same 2P stages
@@ -37,11 +40,29 @@ stages' P2P. No optimizer runs, so every step computes the same thing; the first
 loss (mean over tokens of the M micro-batches) and total gradient norm are reported per
 schedule with their relative difference to ours. Gradients live in `param.grad` (no DDP for
 any schedule) and are cleared before each step.
+
+Prediction. After the timed rounds, `cost_steps` steps of ours run with the timeline
+recorder on; each (rank, kind, chunk)'s median compute time (wall less time blocked) are
+the costs (`simulate.MeasuredCosts`) with which the simulator replays each schedule's order,
+P2P free: ours' and torch's DualPipeV (one order), and 1F1B with stage r = DualPipeV's
+stages 2r and 2r+1 back to back. Each schedule's measured median is set against its
+predicted step (`measured_over_predicted`), with the predicted bubble and ours' recorded
+one. The costs are ours: torch's DualPipeV runs the same order with its own per-action costs
+(its W split walks the autograd graph), so its ratio also says how much dearer they are.
+
+Profile (`profile_steps` > 0). Then that many steps of each schedule run under cProfile,
+and each function's self time is put in a category (`_category`): the schedule's own Python,
+issuing and waiting for communication, this harness, and the model. cProfile adds a cost to
+every Python call, to all schedules alike, so the figures compare schedules, not absolute
+costs. Overhead per action: (schedule + comm_issue) per step over the rank's actions.
 """
 
 from __future__ import annotations
 
+import contextlib
+import cProfile
 import dataclasses
+import pstats
 import statistics
 import time
 from typing import Callable
@@ -55,12 +76,22 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleDu
 from megatron_dsv3 import cpu
 from megatron_dsv3.config import preset
 from megatron_dsv3.distributed import free_port, init_distributed, local_process_env, seed_everything
+from megatron_dsv3.pipeline.dualpipe import TimelineRecorder
 from megatron_dsv3.pipeline.registry import SCHEDULES
+from megatron_dsv3.pipeline.simulate import MeasuredCosts, Timeline, simulate_schedule
 from megatron_dsv3.training.forward_step import forward_step, random_microbatches
 
 DUALPIPEV = SCHEDULES["dualpipev"]
 
 SCHEDULE_NAMES = ("ours_dualpipev", "torch_dualpipev", "torch_1f1b")
+# --peers-size: the `tiny` preset's widths (a step of tenths of a second, decided by the host
+# cost of each action), or widened until the GEMMs decide (a step of seconds on 2 CPU processes).
+SIZES = {
+    "tiny": {},
+    "wide": dict(hidden_size=640, ffn_hidden_size=1920, num_attention_heads=8, q_lora_rank=480, kv_lora_rank=320,
+                 qk_head_dim=64, qk_pos_emb_head_dim=32, v_head_dim=64, moe_ffn_hidden_size=480,
+                 moe_shared_expert_intermediate_size=480),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,8 +106,14 @@ class PeersSetup:
     warmup_steps: int = 2
     timed_steps: int = 5
     seed: int = 0
+    size: str = "tiny"
+    cost_steps: int = 3
+    profile_steps: int = 0
 
     def __post_init__(self):
+        if self.size not in SIZES:
+            raise ValueError(f"size={self.size!r}: not one of {sorted(SIZES)}. Fix: pass --peers-size tiny (overhead-bound) "
+                             "or wide (compute-bound).")
         if self.num_ranks < 2:
             raise ValueError(f"num_ranks={self.num_ranks}: a pipeline needs at least 2 ranks. Fix: pass --peers-pp 2 or more.")
         if self.num_microbatches < 2 * self.num_ranks:
@@ -84,7 +121,7 @@ class PeersSetup:
                 f"num_microbatches={self.num_microbatches}: torch's ScheduleDualPipeV needs at least one per stage "
                 f"(2P = {2 * self.num_ranks}). Fix: pass --peers-microbatches {2 * self.num_ranks} or more."
             )
-        for name in ("micro_batch_size", "seq_length", "timed_steps"):
+        for name in ("micro_batch_size", "seq_length", "timed_steps", "cost_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be at least 1. Fix: pass a positive value.")
         if self.warmup_steps < 1:
@@ -92,6 +129,9 @@ class PeersSetup:
                 f"warmup_steps={self.warmup_steps}: the first round compiles Megatron's fused functions and sets up "
                 "torch's stages, seconds that are no step's. Fix: pass --peers-warmup 1 or more."
             )
+
+        if self.profile_steps < 0:
+            raise ValueError(f"profile_steps={self.profile_steps}: must be 0 (no profile) or more. Fix: pass --peers-profile N >= 0.")
 
     @property
     def num_layers(self) -> int:
@@ -101,45 +141,125 @@ class PeersSetup:
 def run_peers(setup: PeersSetup) -> dict:
     """Spawn the P processes, time the three schedules; the "peers" JSON object.
 
-    keys: P, microbatches, micro_batch_size, seq_length, num_layers, warmup_steps,
-    timed_steps, threads_per_rank, schedules ({name: mean_step_s, median_step_s, step_s, first_step_loss,
-    first_step_grad_norm, loss_rel_diff_vs_ours, grad_norm_rel_diff_vs_ours})."""
+    keys: P, microbatches, micro_batch_size, seq_length, num_layers, size, model (the widths),
+    warmup_steps, timed_steps, cost_steps, threads_per_rank, stage_costs_s, schedules ({name:
+    mean_step_s, median_step_s, step_s, first_step_loss, first_step_grad_norm,
+    loss_rel_diff_vs_ours, grad_norm_rel_diff_vs_ours, predicted_step_s, predicted_bubble_s,
+    measured_over_predicted; ours also recorded_bubble_s}), and with profile_steps a profile
+    ({name: per rank {actions, ms_per_step by category, overhead_ms_per_action}})."""
     port = free_port()
     queue = mp.get_context("spawn").SimpleQueue()
-    print(f"peers: spawning {setup.num_ranks} gloo processes; each builds the three schedules, then runs "
-          f"{setup.warmup_steps} warm-up and {setup.timed_steps} timed rounds of one step each", flush=True)
+    print(f"peers: spawning {setup.num_ranks} gloo processes ({setup.size} widths); each builds the three schedules, then runs "
+          f"{setup.warmup_steps} warm-up and {setup.timed_steps} timed rounds of one step each, {setup.cost_steps} recorded "
+          f"steps of ours for the costs" + (f", {setup.profile_steps} profiled steps of each" if setup.profile_steps else ""),
+          flush=True)
     mp.spawn(_worker, args=(setup, port, queue), nprocs=setup.num_ranks, join=True)
-    schedules = queue.get()
+    measured = queue.get()
+    schedules = measured["schedules"]
     ours = schedules["ours_dualpipev"]
     for row in schedules.values():
         row["loss_rel_diff_vs_ours"] = abs(row["first_step_loss"] - ours["first_step_loss"]) / abs(ours["first_step_loss"])
         row["grad_norm_rel_diff_vs_ours"] = abs(row["first_step_grad_norm"] - ours["first_step_grad_norm"]) / ours["first_step_grad_norm"]
-    return {
+    stage_costs = _predict(measured["timelines"], schedules, setup)
+    result = {
         "P": setup.num_ranks,
         "microbatches": setup.num_microbatches,
         "micro_batch_size": setup.micro_batch_size,
         "seq_length": setup.seq_length,
         "num_layers": setup.num_layers,
+        "size": setup.size,
+        "model": measured["model"],
         "warmup_steps": setup.warmup_steps,
         "timed_steps": setup.timed_steps,
+        "cost_steps": setup.cost_steps,
         "threads_per_rank": 1,
+        "stage_costs_s": stage_costs,
         "schedules": schedules,
     }
+    if "profile" in measured:
+        result["profile_steps"] = setup.profile_steps
+        result["profile"] = measured["profile"]
+    return result
+
+
+def _predict(timelines: list[Timeline], schedules: dict, setup: PeersSetup) -> list[dict]:
+    """Each schedule's step replayed (simulate.py) with the costs measured in our recorded steps,
+    next to its measured median (in `schedules`, in place); returns the per-stage costs.
+
+    Ours and torch's DualPipeV run the same order on the same chunks: one prediction. torch's
+    1F1B stage r is DualPipeV's stages 2r and 2r+1 run one after the other: its F and full
+    backward are their sums."""
+    costs = MeasuredCosts.from_timelines(timelines)
+    placement = timelines[0].placement
+    holder = {stage: (rank, chunk) for rank, chunks in enumerate(placement.stage_of) for chunk, (_, stage) in enumerate(chunks)}
+
+    def of(kind: str, stage: int) -> float:
+        rank, chunk = holder[stage]
+        return costs.of(rank, kind, chunk)
+
+    stage_costs = [{"stage": stage, "rank": holder[stage][0], "F": of("F", stage), "B": of("B", stage), "W": of("W", stage),
+                    "FB": of("FB", stage)} for stage in range(placement.num_stages)]
+    one_f_one_b = MeasuredCosts({
+        key: sum(of(kind, stage) for stage in (2 * rank, 2 * rank + 1) for kind in kinds)
+        for rank in range(setup.num_ranks) for key, kinds in (((rank, "F", 0), ("F",)), ((rank, "BW", 0), ("B", "W")))
+    })
+    replays = {
+        "dualpipev": simulate_schedule(DUALPIPEV, setup.num_ranks, setup.num_microbatches, costs),
+        "1f1b": simulate_schedule(SCHEDULES["1f1b"], setup.num_ranks, setup.num_microbatches, one_f_one_b),
+    }
+    for name, row in schedules.items():
+        replay = replays["1f1b" if name == "torch_1f1b" else "dualpipev"]
+        row["predicted_step_s"] = replay.makespan()
+        row["predicted_bubble_s"] = replay.bubble()
+        row["measured_over_predicted"] = row["median_step_s"] / replay.makespan()
+    schedules["ours_dualpipev"]["recorded_bubble_s"] = statistics.median(_computed_bubble(t) for t in timelines)
+    return stage_costs
+
+
+def _computed_bubble(timeline: Timeline) -> float:
+    """A recorded step's bubble: the makespan less the time the busiest rank computed (its
+    actions' wall time less what they spent blocked)."""
+    return timeline.makespan() - max(
+        sum(r.end - r.start - r.p2p_blocked - r.a2a_blocked for r in timeline.of_rank(rank))
+        for rank in range(timeline.placement.num_ranks)
+    )
 
 
 def format_peers(peers: dict) -> str:
+    model = peers["model"]
     lines = [
-        f"Pipeline schedules, measured: P={peers['P']} gloo processes (1 thread each), tiny preset without MTP, "
-        f"{peers['num_layers']} layers, M={peers['microbatches']} micro-batches of {peers['micro_batch_size']}x{peers['seq_length']} tokens, "
-        f"mean of {peers['timed_steps']} steps after {peers['warmup_steps']} warm-up",
-        f"{'schedule':>16} | {'mean s':>8} {'median s':>8} | {'first loss':>10} {'rel diff':>8} | {'grad norm':>10} {'rel diff':>8}",
+        f"Pipeline schedules, measured: P={peers['P']} gloo processes (1 thread each), tiny preset without MTP at "
+        f"{peers['size']} widths (hidden {model['hidden_size']}, ffn {model['ffn_hidden_size']}, experts' ffn "
+        f"{model['moe_ffn_hidden_size']}), {peers['num_layers']} layers, M={peers['microbatches']} micro-batches of "
+        f"{peers['micro_batch_size']}x{peers['seq_length']} tokens, {peers['timed_steps']} steps each after "
+        f"{peers['warmup_steps']} warm-up, in turns",
+        f"{'schedule':>16} | {'mean s':>8} {'median s':>8} | {'predicted':>9} {'meas/pred':>9} {'bubble':>8} | "
+        f"{'first loss':>10} {'rel diff':>8} | {'grad norm':>10} {'rel diff':>8}",
     ]
     for name, row in peers["schedules"].items():
         lines.append(
-            f"{name:>16} | {row['mean_step_s']:>8.4f} {row['median_step_s']:>8.4f} | {row['first_step_loss']:>10.6f} {row['loss_rel_diff_vs_ours']:>8.1e} | "
+            f"{name:>16} | {row['mean_step_s']:>8.4f} {row['median_step_s']:>8.4f} | {row['predicted_step_s']:>9.4f} "
+            f"{row['measured_over_predicted']:>9.3f} {row['predicted_bubble_s']:>8.4f} | "
+            f"{row['first_step_loss']:>10.6f} {row['loss_rel_diff_vs_ours']:>8.1e} | "
             f"{row['first_step_grad_norm']:>10.6f} {row['grad_norm_rel_diff_vs_ours']:>8.1e}"
         )
-    lines.append("rel diff: relative to ours_dualpipev (same weights, same data: they compute the same model)")
+    ours = peers["schedules"]["ours_dualpipev"]
+    lines += [
+        "rel diff: relative to ours_dualpipev (same weights, same data: they compute the same model)",
+        f"predicted: the simulator's step (P2P free) and bubble from the costs of {peers['cost_steps']} recorded steps of ours "
+        f"(below); ours' recorded bubble {ours['recorded_bubble_s']:.4f} s",
+        f"measured costs per DualPipeV stage, s (FB: this stage's forward with its rank's other chunk's full backward):",
+        "  " + "  ".join(f"stage {c['stage']} (rank {c['rank']}): F {c['F']:.4f} B {c['B']:.4f} W {c['W']:.4f} FB {c['FB']:.4f}"
+                         for c in peers["stage_costs_s"]),
+    ]
+    for name, ranks in peers.get("profile", {}).items():
+        for rank, row in enumerate(ranks):
+            ms = row["ms_per_step"]
+            lines.append(f"profile {name:>16} rank {rank}: {row['actions']} actions, ms per step " +
+                         " ".join(f"{k} {v:.2f}" for k, v in ms.items()) + f"; overhead per action {row['overhead_ms_per_action']:.3f} ms")
+    if "profile" in peers:
+        lines.append(f"profile: cProfile self time over {peers['profile_steps']} steps of each (it slows Python calls, all alike); "
+                     "overhead per action = (schedule + comm_issue) / actions")
     return "\n".join(lines)
 
 
@@ -151,7 +271,7 @@ def _worker(rank: int, setup: PeersSetup, port: int, queue) -> None:
     torch.set_num_threads(1)
     init_distributed(setup.num_ranks, get_embedding_ranks=DUALPIPEV.get_embedding_ranks, backend="gloo")
     config = preset(
-        "tiny", num_layers=setup.num_layers, seq_length=setup.seq_length, mtp_num_layers=None,
+        "tiny", **SIZES[setup.size], num_layers=setup.num_layers, seq_length=setup.seq_length, mtp_num_layers=None,
         pipeline_model_parallel_size=setup.num_ranks, pipeline_dtype=torch.float32,
     )
     cpu.enable(config)
@@ -160,7 +280,11 @@ def _worker(rank: int, setup: PeersSetup, port: int, queue) -> None:
     group = parallel_state.get_pipeline_model_parallel_group()
     builders = {"ours_dualpipev": _ours_dualpipev, "torch_dualpipev": _torch_dualpipev, "torch_1f1b": _torch_1f1b}
     schedules = {name: builders[name](config, rank, setup, microbatches, group) for name in SCHEDULE_NAMES}
-    results = _measure(schedules, setup, group, rank)
+    results = {"schedules": _measure(schedules, setup, group, rank),
+               "timelines": _recorded_steps(schedules["ours_dualpipev"], setup, group),
+               "model": {name: getattr(config, name) for name in ("hidden_size", "ffn_hidden_size", "moe_ffn_hidden_size")}}
+    if setup.profile_steps:
+        results["profile"] = _profile(schedules, setup, group)
     if rank == 0:
         queue.put(results)
     torch.distributed.destroy_process_group()
@@ -171,16 +295,18 @@ class _Schedule:
     """One schedule on this rank: `step()` runs a global batch and returns its mean loss on
     the rank that computes the loss, else None; `modules` hold this rank's parameters."""
 
-    step: Callable[[], float | None]
+    step: Callable[..., float | None]
     modules: list[torch.nn.Module]
 
-    def timed_step(self, group) -> tuple[float, float | None]:
-        """(wall seconds of one step, between barriers of the pipeline group; its loss)."""
+    def timed_step(self, group, profiler: cProfile.Profile | None = None, **step_kwargs) -> tuple[float, float | None]:
+        """(wall seconds of one step, between barriers of the pipeline group; its loss), under
+        `profiler` if given."""
         for module in self.modules:
             module.zero_grad(set_to_none=True)
         torch.distributed.barrier(group)
         start = time.perf_counter()
-        loss = self.step()
+        with profiler or contextlib.nullcontext():
+            loss = self.step(**step_kwargs)
         torch.distributed.barrier(group)
         return time.perf_counter() - start, loss
 
@@ -208,6 +334,79 @@ def _measure(schedules: dict[str, _Schedule], setup: PeersSetup, group, rank: in
     return rows
 
 
+def _recorded_steps(ours: _Schedule, setup: PeersSetup, group) -> list[Timeline] | None:
+    """`cost_steps` steps of ours with the timeline recorder on (not timed: recording costs
+    a little); every rank's actions, on rank 0 (None elsewhere)."""
+    timelines = []
+    for _ in range(setup.cost_steps):
+        recorder = TimelineRecorder()
+        ours.timed_step(group, timeline=recorder)
+        timelines.append(recorder.timeline(group))
+    return timelines if group.rank() == 0 else None
+
+
+# --profile: where each schedule's host time goes, by cProfile's self time of each function.
+# schedule: the schedule's own Python. Ours: the executor and its P2P (pipeline/, link.py), the
+# W split's store and closures (weight_grad.py), Megatron's per-micro-batch forward_step and
+# backward_step; torch's: its runtime, stage and W split (pipelining/). The linear that makes a
+# weight gradient deferrable replaces Megatron's own linear function (which counts as model
+# in torch's runs), so it counts as model in ours.
+_SCHEDULE_CODE = {
+    "ours_dualpipev": ("megatron_dsv3/pipeline/", "megatron_dsv3/overlap/link.py", "megatron_dsv3/weight_grad.py",
+                       "megatron/core/pipeline_parallel/"),
+    "torch_dualpipev": ("torch/distributed/pipelining/",),
+    "torch_1f1b": ("torch/distributed/pipelining/",),
+}
+_LINEAR_CODE = ("megatron_dsv3/weight_grad.py", ("forward_impl", "deferrable_linear", "forward", "backward", "_as_2d", "<lambda>"))
+_COMM_CODE = ("torch/distributed/distributed_c10d.py", "torch/distributed/c10d_logger.py")
+# Where a wait's time lands: cProfile does not see torch's C++ methods (pybind11), so a wait's
+# time is the self time of the Python function that calls `Work.wait()` (or blocks in C++).
+_WAITS = (("megatron_dsv3/overlap/link.py", "wait"), ("torch/distributed/pipelining/schedules.py", "_wait_batch_p2p"),
+          ("torch/distributed/distributed_c10d.py", "recv"), ("torch/distributed/distributed_c10d.py", "recv_object_list"))
+PROFILE_CATEGORIES = ("schedule", "comm_issue", "comm_wait", "harness", "model")
+
+
+def _category(filename: str, function: str, schedule_code: tuple[str, ...]) -> str:
+    """comm_wait: waiting for sends and receives (`_WAITS`); comm_issue: the other
+    torch.distributed calls (posting sends and receives) and pickling loss dicts, but not the
+    model's all-reduces (Megatron's cross-entropy reduces over its tensor-parallel group, of
+    one rank here); schedule: the schedule's own Python (above); harness: this benchmark's step
+    functions and torch stage adapter; model: the rest (the chunks' forward and backward,
+    autograd)."""
+    path = filename.replace("\\", "/")
+    if any(path.endswith(file) and function == name for file, name in _WAITS):
+        return "comm_wait"
+    if path.endswith(_LINEAR_CODE[0]) and function in _LINEAR_CODE[1]:
+        return "model"
+    if (any(code in path for code in _COMM_CODE) and function != "all_reduce") or (filename == "~" and "_pickle" in function):
+        return "comm_issue"
+    if any(code in path for code in schedule_code):
+        return "schedule"
+    return "harness" if path.endswith("megatron_dsv3/bench/pipeline_peers.py") else "model"
+
+
+def _profile(schedules: dict[str, _Schedule], setup: PeersSetup, group) -> dict | None:
+    """`profile_steps` steps of each schedule under cProfile; on rank 0 (None elsewhere), per
+    schedule and rank: its actions per step, ms per step by category, and the host overhead per
+    action, (schedule + comm_issue) / actions."""
+    orders = {"ours_dualpipev": DUALPIPEV, "torch_dualpipev": DUALPIPEV, "torch_1f1b": SCHEDULES["1f1b"]}
+    rows = {}
+    for name, schedule in schedules.items():
+        profiler = cProfile.Profile()
+        for _ in range(setup.profile_steps):
+            schedule.timed_step(group, profiler=profiler)
+        seconds = dict.fromkeys(PROFILE_CATEGORIES, 0.0)
+        for (filename, _, function), (_, _, self_time, _, _) in pstats.Stats(profiler).stats.items():
+            seconds[_category(filename, function, _SCHEDULE_CODE[name])] += self_time
+        actions = len(orders[name].order(setup.num_ranks, setup.num_microbatches)[group.rank()])
+        ms = {category: 1000 * value / setup.profile_steps for category, value in seconds.items()}
+        row = {"actions": actions, "ms_per_step": ms, "overhead_ms_per_action": (ms["schedule"] + ms["comm_issue"]) / actions}
+        gathered = [None] * group.size()
+        torch.distributed.all_gather_object(gathered, row, group=group)
+        rows[name] = gathered
+    return rows if group.rank() == 0 else None
+
+
 def _from_any_rank(value: float | None, group) -> float:
     """The value the one rank that has it holds, on every rank."""
     tensor = torch.tensor(0.0 if value is None else value, dtype=torch.float64)
@@ -225,10 +424,11 @@ def _ours_dualpipev(config, rank: int, setup: PeersSetup, microbatches: list[dic
     seed_everything(setup.seed)
     chunks = DUALPIPEV.build_chunks(config, rank, setup.num_ranks)
 
-    def step():
+    def step(timeline: TimelineRecorder | None = None):
         losses = DUALPIPEV.forward_backward_func(
             forward_step_func=forward_step, data_iterator=iter(microbatches), model=chunks,
             num_microbatches=setup.num_microbatches, seq_length=setup.seq_length, micro_batch_size=setup.micro_batch_size,
+            timeline=timeline,
         )
         if not losses:  # the loss dicts are returned on Megatron's last pipeline stage only
             return None

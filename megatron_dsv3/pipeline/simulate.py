@@ -37,6 +37,7 @@ Outside these, the replay gives the bubble of the same order, which the formula 
 from __future__ import annotations
 
 import math
+import statistics
 from collections import defaultdict, deque
 from dataclasses import dataclass
 
@@ -69,6 +70,40 @@ class Costs:
         """Time of one action of `kind` (see `schedule.KINDS`)."""
         return {"F": self.F, "B": self.B - self.W, "W": self.W, "BW": self.B, "FB": self.FB}[kind]
 
+    def duration(self, rank: int, action: Action) -> float:
+        """Time of `action` on `rank`: every stage costs the same."""
+        return self.of(action.kind)
+
+
+@dataclass(frozen=True)
+class MeasuredCosts:
+    """Time of each action by where it runs: `seconds[(rank, kind, chunk)]`, an FB keyed by its
+    forward chunk (a rank's FBs pair the same two chunks). From recorded steps
+    (`from_timelines`): the median over the recorded actions of each key of the time an action
+    computed, its wall time less its time blocked on pipeline receives and all-to-alls. So a
+    replay with these costs predicts a step of the same chunks with P2P free, stage by stage
+    (the embedding and the head make the end stages dearer than the others)."""
+
+    seconds: dict[tuple[int, str, int], float]
+
+    @classmethod
+    def from_timelines(cls, timelines: list[Timeline]) -> MeasuredCosts:
+        samples: dict[tuple[int, str, int], list[float]] = defaultdict(list)
+        for timeline in timelines:
+            for r in timeline.records:
+                samples[r.rank, r.action.kind, r.action.chunk].append(r.end - r.start - r.p2p_blocked - r.a2a_blocked)
+        return cls({key: statistics.median(values) for key, values in samples.items()})
+
+    def of(self, rank: int, kind: str, chunk: int) -> float:
+        try:
+            return self.seconds[rank, kind, chunk]
+        except KeyError:
+            raise ValueError(f"no measured cost for {kind} of chunk {chunk} on rank {rank}: the recorded steps ran no "
+                             f"such action (measured: {sorted(self.seconds)}).") from None
+
+    def duration(self, rank: int, action: Action) -> float:
+        return self.of(rank, action.kind, action.chunk)
+
 
 @dataclass(frozen=True)
 class TimedAction:
@@ -95,7 +130,7 @@ class Timeline:
 
     records: tuple[TimedAction, ...]  # by rank, each rank's in its order
     placement: Placement
-    costs: Costs | None
+    costs: Costs | MeasuredCosts | None
 
     def of_rank(self, rank: int) -> list[TimedAction]:
         return [record for record in self.records if record.rank == rank]
@@ -128,8 +163,9 @@ class Timeline:
         return max(self.rank_activation_peaks())
 
 
-def simulate(order: list[list[Action]], placement: Placement, costs: Costs) -> Timeline:
-    """Replay `order` (see the module docstring); raises ValueError if the ranks deadlock."""
+def simulate(order: list[list[Action]], placement: Placement, costs: Costs | MeasuredCosts) -> Timeline:
+    """Replay `order` (see the module docstring) with uniform or measured costs; raises
+    ValueError if the ranks deadlock."""
     num_stages = placement.num_stages
     ends: dict[tuple[str, int, int, int], float] = {}  # (F | B | W, direction, stage, microbatch) -> end
     waiting: dict[tuple[str, int, int, int], list[int]] = defaultdict(list)  # missing input -> ranks
@@ -148,7 +184,7 @@ def simulate(order: list[list[Action]], placement: Placement, costs: Costs) -> T
                 waiting[missing].append(rank)
                 break
             start = max([clock[rank]] + [ends[key] for key in needed])
-            clock[rank] = start + costs.of(action.kind)
+            clock[rank] = start + costs.duration(rank, action)
             records[rank].append(TimedAction(rank, action, start, clock[rank]))
             for key in produced:
                 ends[key] = clock[rank]
@@ -204,7 +240,7 @@ def dualpipe_formula_holds(num_ranks: int, num_microbatches: int, costs: Costs) 
     return math.isclose(costs.F, costs.B - costs.W) and costs.W <= costs.F
 
 
-def simulate_schedule(spec, num_ranks: int, num_microbatches: int, costs: Costs) -> Timeline:
+def simulate_schedule(spec, num_ranks: int, num_microbatches: int, costs: Costs | MeasuredCosts) -> Timeline:
     """Build the order of `spec` (a `registry.PipelineSchedule`) on P ranks, check it, and replay it."""
     order = spec.order(num_ranks, num_microbatches)
     placement = spec.placement(num_ranks, num_microbatches)
@@ -234,7 +270,7 @@ def plot_timeline(timeline: Timeline, path, title: str = "") -> None:
     makespan = timeline.makespan()
     width = min(max(8.0, len(timeline.records) / num_ranks * 0.25), 40.0)
     figure, axes = plt.subplots(figsize=(width, 0.5 * num_ranks + 1.6))
-    costs = timeline.costs
+    costs = timeline.costs if isinstance(timeline.costs, Costs) else None  # an FB split by uniform costs only
     for record in timeline.records:
         y = num_ranks - 1 - record.rank
         if record.action.kind == "FB" and costs is None:

@@ -19,7 +19,8 @@ from megatron_dsv3.bench.pipeline_peers import SCHEDULE_NAMES
 def test_peers_measure_three_schedules_that_compute_the_same_model(capfd):
     parser = argparse.ArgumentParser()
     bench_pipeline.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["pipeline", "--pp", "4", "--peers", "--peers-pp", "2", "--peers-warmup", "1", "--peers-steps", "2"])
+    args = parser.parse_args(["pipeline", "--pp", "4", "--peers", "--peers-pp", "2", "--peers-warmup", "1", "--peers-steps", "2",
+                              "--peers-cost-steps", "1", "--peers-profile", "1"])
     assert args.main(args) == 0
 
     lines = capfd.readouterr().out.strip().splitlines()  # the spawned processes' progress lines too
@@ -38,10 +39,31 @@ def test_peers_measure_three_schedules_that_compute_the_same_model(capfd):
         assert row["first_step_grad_norm"] == pytest.approx(ours["first_step_grad_norm"], rel=1e-8), name
     assert 4 < ours["first_step_loss"] < 7  # about ln(257) = 5.55 at initialisation
 
+    # the simulator's prediction from the costs of our recorded step: every DualPipeV stage's F,
+    # B, W, FB measured; ours and torch's DualPipeV run one order, torch's 1F1B its own
+    assert [c["stage"] for c in peers["stage_costs_s"]] == [0, 1, 2, 3]
+    assert all(c[k] > 0 for c in peers["stage_costs_s"] for k in ("F", "B", "W", "FB"))
+    predicted = {name: row["predicted_step_s"] for name, row in peers["schedules"].items()}
+    assert predicted["ours_dualpipev"] == predicted["torch_dualpipev"] != predicted["torch_1f1b"]
+    for row in peers["schedules"].values():
+        assert row["measured_over_predicted"] == pytest.approx(row["median_step_s"] / row["predicted_step_s"])
+        assert 0 < row["predicted_bubble_s"] < row["predicted_step_s"]
+    # the profile: each rank's actions, and host time by category that adds up to about the step
+    for name, ranks in peers["profile"].items():
+        assert [rank["actions"] for rank in ranks] == ([24, 23] if name != "torch_1f1b" else [16, 16]), name
+        for rank in ranks:
+            assert set(rank["ms_per_step"]) == {"schedule", "comm_issue", "comm_wait", "harness", "model"}
+            assert rank["ms_per_step"]["model"] > rank["ms_per_step"]["schedule"] > 0, name
 
-def test_peers_reject_a_set_up_with_the_rule(capsys):
+
+@pytest.mark.parametrize("flags, fix", [
+    (["--peers-microbatches", "3"], "--peers-microbatches 4 or more"),
+    (["--peers-cost-steps", "0"], "cost_steps=0: must be at least 1"),
+    (["--peers-profile", "-1"], "--peers-profile N >= 0"),
+])
+def test_peers_reject_a_set_up_with_the_rule(capsys, flags, fix):
     parser = argparse.ArgumentParser()
     bench_pipeline.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["pipeline", "--pp", "4", "--peers", "--peers-pp", "2", "--peers-microbatches", "3"])
+    args = parser.parse_args(["pipeline", "--pp", "4", "--peers", "--peers-pp", "2", *flags])
     assert args.main(args) == 2
-    assert "--peers-microbatches 4 or more" in capsys.readouterr().err
+    assert fix in capsys.readouterr().err

@@ -8,6 +8,7 @@ W <= F, as its figure draws them); one test pins what happens outside.
 """
 
 import argparse
+import dataclasses
 import json
 from collections import defaultdict
 
@@ -17,7 +18,7 @@ from megatron_dsv3.bench import pipeline as bench_pipeline
 from megatron_dsv3.pipeline import schedule
 from megatron_dsv3.pipeline.schedule import Action, check_order
 from megatron_dsv3.pipeline.registry import SCHEDULES
-from megatron_dsv3.pipeline.simulate import Costs, plot_timeline, simulate, simulate_schedule
+from megatron_dsv3.pipeline.simulate import Costs, MeasuredCosts, Timeline, plot_timeline, simulate, simulate_schedule
 
 COSTS = {
     "overlap gain": Costs(F=1, B=2, W=1, FB=2.5),  # the bench default: F&B < F + B
@@ -179,6 +180,37 @@ def test_a_deadlocking_order_is_reported():
     order = [[Action("BW", 0, 0), Action("F", 0, 0)], [Action("F", 0, 0), Action("BW", 0, 0)]]
     with pytest.raises(ValueError, match="deadlocks"):
         simulate(order, placement, COSTS["W = 0"])
+
+
+def _measured(costs: Costs, timeline: Timeline) -> MeasuredCosts:
+    """What a recorded step of `timeline` would give: every action of a (rank, kind, chunk) at
+    `costs`, each one also blocked on a receive for a while (which is not its cost)."""
+    recorded = [dataclasses.replace(r, end=r.end + 0.5 * (i % 3), p2p_blocked=0.5 * (i % 3), a2a_blocked=0.0)
+                for i, r in enumerate(timeline.records)]
+    return MeasuredCosts.from_timelines([dataclasses.replace(timeline, records=tuple(recorded))])
+
+
+@pytest.mark.parametrize("name", ["dualpipev", "dualpipe", "1f1b", "zb1p"])
+def test_measured_costs_replay_as_the_uniform_costs_they_were_measured_from(name):
+    """MeasuredCosts: the median compute time (wall less blocked) of each (rank, kind, chunk)
+    of recorded steps; replayed, the same step as the costs they came from."""
+    spec, costs = SCHEDULES[name], COSTS["paper figure"]
+    uniform = simulate_schedule(spec, 4, 10, costs)
+    measured = _measured(costs, uniform)
+    assert {value for value in measured.seconds.values()} <= {costs.of(kind) for kind in schedule.KINDS}
+    assert simulate_schedule(spec, 4, 10, measured).records == uniform.records
+    with pytest.raises(ValueError, match="no measured cost for F of chunk 1 on rank 9"):
+        measured.of(9, "F", 1)
+
+
+def test_measured_costs_are_per_stage():
+    """A dearer stage (the head's, DualPipeV's stage 2P-1 on rank 0) lengthens the step by
+    what the order makes it wait, which uniform costs cannot express."""
+    spec, costs = SCHEDULES["dualpipev"], COSTS["paper figure"]
+    measured = _measured(costs, simulate_schedule(spec, 2, 8, costs))
+    dearer = MeasuredCosts({key: 2 * value if key[0] == 0 and key[2] == 1 and key[1] == "F" else value
+                            for key, value in measured.seconds.items()})
+    assert simulate_schedule(spec, 2, 8, dearer).makespan() > simulate_schedule(spec, 2, 8, measured).makespan()
 
 
 def test_plot_writes_a_png(tmp_path):
