@@ -146,7 +146,8 @@ def run_peers(setup: PeersSetup) -> dict:
     mean_step_s, median_step_s, step_s, first_step_loss, first_step_grad_norm,
     loss_rel_diff_vs_ours, grad_norm_rel_diff_vs_ours, predicted_step_s, predicted_bubble_s,
     measured_over_predicted; ours also recorded_bubble_s}), and with profile_steps a profile
-    ({name: per rank {actions, ms_per_step by category, overhead_ms_per_action}})."""
+    ({name: {ranks: per rank {actions, ms_per_step by category, overhead_ms_per_action},
+    overhead_ms_per_action}})."""
     port = free_port()
     queue = mp.get_context("spawn").SimpleQueue()
     print(f"peers: spawning {setup.num_ranks} gloo processes ({setup.size} widths); each builds the three schedules, then runs "
@@ -252,11 +253,12 @@ def format_peers(peers: dict) -> str:
         "  " + "  ".join(f"stage {c['stage']} (rank {c['rank']}): F {c['F']:.4f} B {c['B']:.4f} W {c['W']:.4f} FB {c['FB']:.4f}"
                          for c in peers["stage_costs_s"]),
     ]
-    for name, ranks in peers.get("profile", {}).items():
-        for rank, row in enumerate(ranks):
+    for name, profile in peers.get("profile", {}).items():
+        for rank, row in enumerate(profile["ranks"]):
             ms = row["ms_per_step"]
             lines.append(f"profile {name:>16} rank {rank}: {row['actions']} actions, ms per step " +
                          " ".join(f"{k} {v:.2f}" for k, v in ms.items()) + f"; overhead per action {row['overhead_ms_per_action']:.3f} ms")
+        lines.append(f"profile {name:>16} all ranks: overhead per action {profile['overhead_ms_per_action']:.3f} ms")
     if "profile" in peers:
         lines.append(f"profile: cProfile self time over {peers['profile_steps']} steps of each (it slows Python calls, all alike); "
                      "overhead per action = (schedule + comm_issue) / actions")
@@ -360,9 +362,12 @@ _SCHEDULE_CODE = {
 _LINEAR_CODE = ("megatron_dsv3/weight_grad.py", ("forward_impl", "deferrable_linear", "forward", "backward", "_as_2d", "<lambda>"))
 _COMM_CODE = ("torch/distributed/distributed_c10d.py", "torch/distributed/c10d_logger.py")
 # Where a wait's time lands: cProfile does not see torch's C++ methods (pybind11), so a wait's
-# time is the self time of the Python function that calls `Work.wait()` (or blocks in C++).
+# time is the self time of the Python function that calls `Work.wait()`. A blocking
+# `torch.distributed.recv` (in recv_object_list: the loss dicts, pipeline/dualpipe.py) is the
+# exception: cProfile books its wait on `_check_not_self_rank`, which recv calls first
+# (measured with torch 2.14: a receive posted 50 ms before its send books 48 ms there).
 _WAITS = (("megatron_dsv3/overlap/link.py", "wait"), ("torch/distributed/pipelining/schedules.py", "_wait_batch_p2p"),
-          ("torch/distributed/distributed_c10d.py", "recv"), ("torch/distributed/distributed_c10d.py", "recv_object_list"))
+          ("torch/distributed/distributed_c10d.py", "recv"), ("torch/distributed/distributed_c10d.py", "_check_not_self_rank"))
 PROFILE_CATEGORIES = ("schedule", "comm_issue", "comm_wait", "harness", "model")
 
 
@@ -387,8 +392,9 @@ def _category(filename: str, function: str, schedule_code: tuple[str, ...]) -> s
 
 def _profile(schedules: dict[str, _Schedule], setup: PeersSetup, group) -> dict | None:
     """`profile_steps` steps of each schedule under cProfile; on rank 0 (None elsewhere), per
-    schedule and rank: its actions per step, ms per step by category, and the host overhead per
-    action, (schedule + comm_issue) / actions."""
+    schedule: `ranks`, each rank's actions per step, ms per step by category and host overhead
+    per action, (schedule + comm_issue) / actions; and `overhead_ms_per_action`, the same over
+    all ranks together (their overhead over their actions)."""
     orders = {"ours_dualpipev": DUALPIPEV, "torch_dualpipev": DUALPIPEV, "torch_1f1b": SCHEDULES["1f1b"]}
     rows = {}
     for name, schedule in schedules.items():
@@ -401,9 +407,10 @@ def _profile(schedules: dict[str, _Schedule], setup: PeersSetup, group) -> dict 
         actions = len(orders[name].order(setup.num_ranks, setup.num_microbatches)[group.rank()])
         ms = {category: 1000 * value / setup.profile_steps for category, value in seconds.items()}
         row = {"actions": actions, "ms_per_step": ms, "overhead_ms_per_action": (ms["schedule"] + ms["comm_issue"]) / actions}
-        gathered = [None] * group.size()
-        torch.distributed.all_gather_object(gathered, row, group=group)
-        rows[name] = gathered
+        ranks = [None] * group.size()
+        torch.distributed.all_gather_object(ranks, row, group=group)
+        overhead = sum(r["ms_per_step"]["schedule"] + r["ms_per_step"]["comm_issue"] for r in ranks)
+        rows[name] = {"ranks": ranks, "overhead_ms_per_action": overhead / sum(r["actions"] for r in ranks)}
     return rows if group.rank() == 0 else None
 
 

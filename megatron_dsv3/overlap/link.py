@@ -144,11 +144,17 @@ def reset() -> None:
         _totals.clear()
 
 
-def _add(label: str, **amounts) -> None:
+def _add(label: str, operations: int = 0, bytes_sent: int = 0, rows_sent: int = 0, wire_bytes: int = 0,
+         comm_s: float = 0.0, blocked_s: float = 0.0) -> None:
+    """Count an operation, or a wait, on the clock (once per transfer: kept cheap)."""
     with _totals_lock:
-        totals_ = _totals.setdefault(label, Totals())
-        for name, amount in amounts.items():
-            setattr(totals_, name, getattr(totals_, name) + amount)
+        totals_ = _totals.get(label) or _totals.setdefault(label, Totals())
+        totals_.operations += operations
+        totals_.bytes_sent += bytes_sent
+        totals_.rows_sent += rows_sent
+        totals_.wire_bytes += wire_bytes
+        totals_.comm_s += comm_s
+        totals_.blocked_s += blocked_s
 
 
 def _sleep_until(moment: float | None) -> None:

@@ -35,6 +35,8 @@ pipeline ranks and the stream (tests/distributed/test_pipeline_failure.py).
 
 from __future__ import annotations
 
+from collections import deque
+
 import torch
 import torch.distributed as dist
 
@@ -72,7 +74,7 @@ class NeighbourP2P:
         self.device = device
         self._global_ranks = dist.get_process_group_ranks(group)
         self._streams = stream_groups(group, device)
-        self._in_flight: list[link.Transfer] = []
+        self._in_flight: deque[link.Transfer] = deque()
         self._to_post: dict[tuple[int, int], int] = {}  # (from rank, stream) -> receives not yet posted
         self._posted: dict[tuple[int, int], tuple[torch.Tensor, link.Receive]] = {}
 
@@ -97,9 +99,10 @@ class NeighbourP2P:
                 f"sending a {tuple(tensor.shape)} {tensor.dtype} tensor to pipeline rank {to_rank}; the boundary is "
                 f"{self.shape} {self.dtype}. Fix: seq_length / micro_batch_size / config.pipeline_dtype must match the data."
             )
-        transfer = link.isend(tensor.detach().contiguous(), dst=self._global_ranks[to_rank], group=self._streams[stream])
-        self._in_flight = [t for t in self._in_flight if not t.is_completed()]
-        self._in_flight.append(transfer)  # it holds the payload until sent
+        while self._in_flight and self._in_flight[0].is_completed():  # sends complete about in order
+            self._in_flight.popleft()
+        self._in_flight.append(link.isend(tensor.detach().contiguous(), dst=self._global_ranks[to_rank],
+                                          group=self._streams[stream]))  # it holds the payload until sent
 
     def recv(self, from_rank: int, stream: int) -> torch.Tensor:
         """The next tensor of `stream` from `from_rank` (announced by `expect`), once it is here."""
@@ -123,7 +126,7 @@ class NeighbourP2P:
         """The end of a step: every send done, every announced receive taken."""
         for transfer in self._in_flight:
             transfer.wait()
-        self._in_flight = []
+        self._in_flight.clear()
         if self._to_post or self._posted:
             raise RuntimeError(f"pipeline rank {self.group.rank()}: the step ended with receives announced but not taken: "
                                f"{sorted(set(self._to_post) | set(self._posted))}")

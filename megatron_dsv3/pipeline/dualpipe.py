@@ -380,6 +380,8 @@ class _RankExecutor:
         # per chunk: who holds the previous / next stage of its direction, or None
         self.previous: list[Neighbour | None] = [holder.get((d, s - 1)) if s > 0 else None for d, s in placement.stage_of[rank]]
         self.next: list[Neighbour | None] = [holder.get((d, s + 1)) if s < last_stage else None for d, s in placement.stage_of[rank]]
+        fed = [placement.microbatches_of(rank, chunk) for chunk in range(len(placement.stage_of[rank]))]
+        self._first_microbatch, self._last_microbatch = [mbs[0] for mbs in fed], [mbs[-1] for mbs in fed]
         self._saved: dict[tuple[int, int], tuple] = {}  # (chunk, mb) -> (input, output) until backward
         self._local: dict[tuple[int, int, int], torch.Tensor] = {}  # (stream, to chunk, mb) -> tensor kept on this rank
         self.grad_sync = _GradSync(self.config.no_sync_func)
@@ -473,9 +475,7 @@ class _RankExecutor:
             forward_data_store=[],
             config=self.config,
             current_microbatch=microbatch,
-            is_first_microbatch=check_first_val_step(
-                self.first_val_step, self.forward_only, microbatch == self.placement.microbatches_of(self.rank, chunk)[0]
-            ),
+            is_first_microbatch=check_first_val_step(self.first_val_step, self.forward_only, microbatch == self._first_microbatch[chunk]),
         )
 
     def _forward_done(self, chunk: int, microbatch: int, inputs: _ForwardInputs, output, num_tokens) -> None:
@@ -538,7 +538,7 @@ class _RankExecutor:
         self._send(GRADIENT, self.previous[b_chunk], b_microbatch, input_gradient)
 
     def _last(self, chunk: int, microbatch: int) -> bool:
-        return microbatch == self.placement.microbatches_of(self.rank, chunk)[-1]
+        return microbatch == self._last_microbatch[chunk]
 
     @contextlib.contextmanager
     def _grad_sync_if_last(self, chunk: int, microbatch: int):

@@ -49,11 +49,14 @@ def test_peers_measure_three_schedules_that_compute_the_same_model(capfd):
         assert row["measured_over_predicted"] == pytest.approx(row["median_step_s"] / row["predicted_step_s"])
         assert 0 < row["predicted_bubble_s"] < row["predicted_step_s"]
     # the profile: each rank's actions, and host time by category that adds up to about the step
-    for name, ranks in peers["profile"].items():
+    for name, profile in peers["profile"].items():
+        ranks = profile["ranks"]
         assert [rank["actions"] for rank in ranks] == ([24, 23] if name != "torch_1f1b" else [16, 16]), name
         for rank in ranks:
             assert set(rank["ms_per_step"]) == {"schedule", "comm_issue", "comm_wait", "harness", "model"}
             assert rank["ms_per_step"]["model"] > rank["ms_per_step"]["schedule"] > 0, name
+        per_rank = [rank["overhead_ms_per_action"] for rank in ranks]
+        assert min(per_rank) <= profile["overhead_ms_per_action"] <= max(per_rank), name
 
 
 @pytest.mark.parametrize("flags, fix", [
