@@ -1055,6 +1055,42 @@ def recorded_hf_config(mcore_dir: str | os.PathLike) -> dict | None:
     return _read_json(path, "recorded config") if path.exists() else None
 
 
+def check_recorded_hf_config(mcore_dir: str | os.PathLike, config: DeepSeekV3Config) -> None:
+    """A converted checkpoint's recorded config.json against `config` (ConversionError naming the
+    field): it catches what no tensor shape shows, e.g. the router's top-k. Nothing without one."""
+    recorded = recorded_hf_config(mcore_dir)
+    if recorded is not None:
+        check_hf_config(recorded, config, f"{Path(mcore_dir) / HF_CONFIG_RECORD} (the config.json it was converted from)")
+
+
+def model_tensor_shapes(models) -> dict[str, tuple[int, ...]]:
+    """Every ShardedTensor that `models` (one model or a rank's chunks) load, by checkpoint key,
+    with its global shape (linear_fc1 as its gate and up halves, as stored)."""
+    shapes = {}
+    for model in models if isinstance(models, (list, tuple)) else [models]:
+        sharded = model.sharded_state_dict()
+        apply_factories(sharded)
+        shapes.update({t.key: tuple(t.global_shape) for t in nested_values(sharded) if isinstance(t, ShardedTensor)})
+    return shapes
+
+
+def tensor_fit_problems(mcore_dir: str | os.PathLike, needed: dict[str, tuple[int, ...]],
+                        extra_prefixes: tuple[str, ...] = ()) -> list[str]:
+    """What keeps a dist_checkpointing checkpoint's tensors from fitting a model whose tensors are
+    `needed` (key -> global shape), read from its metadata only: missing keys, other shapes, and
+    the checkpoint's keys under `extra_prefixes` that the model lacks. Empty when it fits."""
+    with safe_load.reading(mcore_dir):
+        stored = dist_checkpointing.load_tensors_metadata(str(mcore_dir))
+    problems = []
+    for key, shape in needed.items():
+        if key not in stored:
+            problems.append(f"{key} is missing")
+        elif tuple(stored[key].global_shape) != tuple(shape):
+            problems.append(f"{key} has shape {tuple(stored[key].global_shape)}, the model needs {tuple(shape)}")
+    extra = sorted(key for key in stored if extra_prefixes and key.startswith(extra_prefixes) and key not in needed)
+    return problems + [f"{key} is in the checkpoint but not in the model" for key in extra]
+
+
 DCP_METADATA = "metadata.json"  # what marks a dist_checkpointing directory
 TRACKERS = ("latest", "latest_checkpointed_iteration.txt")  # the compact loop's, Megatron-LM's
 

@@ -11,7 +11,7 @@ preset's model needs is checked against the checkpoint's metadata (name and glob
 every model tensor the checkpoint holds against the model: a checkpoint of another preset is
 named with the first mismatching tensors and the fix (a compact-loop run's `config.json` gives
 the preset and `--set` values it was trained with); a converted checkpoint's recorded HF
-config.json is checked against the preset field by field (`convert.check_hf_config`).
+config.json is checked against the preset field by field (`convert.check_recorded_hf_config`).
 """
 
 from __future__ import annotations
@@ -26,23 +26,19 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.dict_utils import nested_values
-from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
-from megatron_dsv3 import safe_load
 from megatron_dsv3.config import DeepSeekV3Config, preset
 from megatron_dsv3.convert.hf import (
     DCP_METADATA,
-    HF_CONFIG_RECORD,
     TRACKERS,
     ConversionError,
-    check_hf_config,
+    check_recorded_hf_config,
     hf_to_mcore,
     load_mcore_tensors,
     max_position_embeddings,
     meta_model,
-    recorded_hf_config,
+    model_tensor_shapes,
+    tensor_fit_problems,
     tracked_checkpoint,
 )
 from megatron_dsv3.datasets import ByteTokenizer, check_data
@@ -109,35 +105,15 @@ def preset_options(name: str, overrides: dict) -> str:
     return f"--preset {name}" + "".join(f" --set {field}={json.dumps(value)}" for field, value in overrides.items())
 
 
-def _model_tensors(model) -> dict[str, tuple[int, ...]]:
-    """Every ShardedTensor the model loads, by checkpoint key, with its global shape (linear_fc1
-    as its gate and up halves, as stored)."""
-    sharded = model.sharded_state_dict()
-    apply_factories(sharded)
-    return {t.key: tuple(t.global_shape) for t in nested_values(sharded) if isinstance(t, ShardedTensor)}
-
-
 def check_checkpoint(directory: Path, config: DeepSeekV3Config, option: str = "--checkpoint") -> None:
     """The checkpoint's tensors against `config`'s model, names and global shapes, both ways; and a
     converted checkpoint's recorded config.json (`hf_config.json`) against `config`, which also
     catches what no shape shows (e.g. the router's top-k)."""
     try:
-        recorded = recorded_hf_config(directory)
-        if recorded is not None:
-            check_hf_config(recorded, config, f"{directory / HF_CONFIG_RECORD} (the config.json it was converted from)")
+        check_recorded_hf_config(directory, config)
     except ConversionError as error:
         raise GenerateError(f"{option} {directory}: {error}") from None
-    with safe_load.reading(directory):
-        stored = dist_checkpointing.load_tensors_metadata(str(directory))
-    needed = _model_tensors(meta_model(config))
-    problems = []
-    for key, shape in needed.items():
-        if key not in stored:
-            problems.append(f"{key} is missing")
-        elif tuple(stored[key].global_shape) != shape:
-            problems.append(f"{key} has shape {tuple(stored[key].global_shape)}, the model needs {shape}")
-    extra = sorted(key for key in stored if key.startswith(MODEL_PREFIXES) and key not in needed)
-    problems += [f"{key} is in the checkpoint but not in the model" for key in extra]
+    problems = tensor_fit_problems(directory, model_tensor_shapes(meta_model(config)), extra_prefixes=MODEL_PREFIXES)
     if problems:
         recorded = recorded_preset(directory)
         fix = (f"pass the preset and --set values the checkpoint was made with ({preset_options(*recorded)}, from its run's {RUN_CONFIG})"

@@ -16,8 +16,10 @@ of a DualPipe stage), experts by their global index, data-parallel replicas alik
 tensors are read (no pickled object is unpickled).
 
 Everything that can be checked before any work is: the directory's kind, an HF config.json
-against the preset (`convert.check_hf_config`), and, before a byte is loaded, every tensor the
-model needs against the checkpoint's metadata (name and global shape).
+against the preset (`convert.check_hf_config`), a converted checkpoint's recorded config.json
+likewise (`convert.check_recorded_hf_config`: the router's top-k, which no tensor shape shows),
+and, before a byte is loaded, every tensor the model needs against the checkpoint's metadata
+(name and global shape, `convert.tensor_fit_problems`).
 """
 
 from __future__ import annotations
@@ -31,12 +33,21 @@ from pathlib import Path
 
 import torch
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.dict_utils import nested_values
-from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory, apply_factories
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
 from megatron_dsv3 import safe_load
 from megatron_dsv3.config import DeepSeekV3Config
-from megatron_dsv3.convert.hf import DCP_METADATA, INDEX_FILE, SINGLE_FILE, ConversionError, check_hf_config, tracked_checkpoint
+from megatron_dsv3.convert.hf import (
+    DCP_METADATA,
+    INDEX_FILE,
+    SINGLE_FILE,
+    ConversionError,
+    check_hf_config,
+    check_recorded_hf_config,
+    model_tensor_shapes,
+    tensor_fit_problems,
+    tracked_checkpoint,
+)
 
 CONVERTED = "init-from-hf"  # under RUN_DIR: an HF directory's conversion
 
@@ -62,6 +73,10 @@ def resolve(directory: Path | None, config: DeepSeekV3Config) -> Source | None:
     except ConversionError as error:
         raise InitFromError(f"--init-from {error}") from None
     if (directory / DCP_METADATA).is_file():
+        try:
+            check_recorded_hf_config(directory, config)  # a converted checkpoint's: what shapes cannot show
+        except ConversionError as error:
+            raise InitFromError(f"--init-from {directory}: {error}") from None
         return Source(directory, hf=False)
     if (directory / "config.json").is_file() and ((directory / INDEX_FILE).is_file() or (directory / SINGLE_FILE).is_file()):
         try:
@@ -93,24 +108,11 @@ def _convert(source: Source, out: Path, preset: str, overrides: dict) -> None:
 
 def _check_against_metadata(directory: Path, chunks: list) -> None:
     """Every tensor the chunks need is in the checkpoint, with its global shape."""
-    with safe_load.reading(directory):
-        stored = dist_checkpointing.load_tensors_metadata(str(directory))
-    problems = []
-    for chunk in chunks:
-        sharded = chunk.sharded_state_dict()
-        apply_factories(sharded)  # linear_fc1 -> its gate and up halves, as stored
-        for tensor in nested_values(sharded):
-            if not isinstance(tensor, ShardedTensor):
-                continue
-            if tensor.key not in stored:
-                problems.append(f"{tensor.key} is missing")
-            elif tuple(stored[tensor.key].global_shape) != tuple(tensor.global_shape):
-                problems.append(f"{tensor.key} has shape {tuple(stored[tensor.key].global_shape)}, "
-                                f"the model needs {tuple(tensor.global_shape)}")
+    problems = tensor_fit_problems(directory, model_tensor_shapes(chunks))
     if problems:
         raise InitFromError(f"--init-from {directory}: {len(problems)} tensor(s) do not fit this model: "
-                            f"{'; '.join(sorted(set(problems))[:8])}. Fix: pass the preset and --set values the "
-                            "checkpoint was made with.")
+                            f"{'; '.join(problems[:8])}. Fix: pass the preset and --set values the checkpoint was made "
+                            "with.")
 
 
 def load_weights(source: Source, chunks: list, config: DeepSeekV3Config, run_dir: Path, preset: str, overrides: dict) -> Path:

@@ -121,6 +121,11 @@ def test_bad_init_from_is_named_before_any_work(fine_tuned, tmp_path):
         resolve(tmp_path / "nowhere", preset("tiny", **OVERRIDES, num_layers=LAYERS))
     with pytest.raises(InitFromError, match="'num_experts_per_tok'=4 disagrees.*Fix"):
         resolve(hf_dir, preset("tiny", num_layers=LAYERS))  # top-2 routing: not this checkpoint's
+    with pytest.raises(InitFromError, match=r"init-from-hf: .*hf_config.json \(the config.json it was converted from\).*"
+                                            r"'num_experts_per_tok'=4 disagrees"):
+        resolve(run_dir / CONVERTED, preset("tiny", num_layers=LAYERS))  # its recorded config.json says top-4
+    # without the recorded config.json (e.g. a compact-loop checkpoint), the tensors' metadata tells
+    unrecorded = shutil.copytree(run_dir / CONVERTED, tmp_path / "unrecorded", ignore=shutil.ignore_patterns("hf_config.json"))
     with pytest.raises(InitFromError, match=r"decoder.layers.4.* is missing.*Fix: pass the preset"):
-        train(_args(tmp_path / "run", init_from=run_dir / CONVERTED, overrides=dict(OVERRIDES, seq_length=SEQ, num_layers=LAYERS + 1)))
+        train(_args(tmp_path / "run", init_from=unrecorded, overrides=dict(OVERRIDES, seq_length=SEQ, num_layers=LAYERS + 1)))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
