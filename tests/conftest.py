@@ -15,6 +15,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker  # noqa: E402
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler  # noqa: E402
+from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler  # noqa: E402
 
 from megatron_dsv3 import cpu  # noqa: E402
 from megatron_dsv3.distributed import init_distributed  # noqa: E402
@@ -29,11 +31,15 @@ def megatron_on_this_process():
 
 
 @pytest.fixture(autouse=True)
-def fresh_moe_metrics_tracker():
-    """Megatron's MoE metrics tracker is process-global and sized by the first model that records
-    into it: each test starts without one, so an in-process run of one model size (the compact
-    loop, generation) leaves nothing behind for the next test's model."""
+def fresh_megatron_globals():
+    """Megatron's process-global state starts each test as in a fresh process: no MoE metrics
+    tracker (sized by the first model that records into it, so an in-process run of one model
+    size, the compact loop or generation, would leave it too small for the next test's model),
+    and the MoE auxiliary and MTP loss scales at 1 (Megatron's schedules set them to a shape-[1]
+    tensor, which a test that runs a backward of its own would inherit)."""
     destroy_moe_metrics_tracker()
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    MTPLossAutoScaler.set_loss_scale(torch.tensor(1.0))
     yield
 
 
