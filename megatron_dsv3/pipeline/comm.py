@@ -16,11 +16,15 @@ gradients of the other (e.g. rank r sends rank r+1 its chunk 0 outputs and its c
 input gradients). Each stream is sent in micro-batch order and received in the same order,
 but the two interleave differently on the two sides (DualPipeV, P=4: rank 0's 7th send to
 rank 1 is activation 6, rank 1's 7th receive from rank 0 is gradient 0). NCCL matches a
-link's messages in issue order, ignoring tags, so each stream has its own process group with
-the pipeline group's ranks and timeout (`stream_groups`): within one, both sides agree
-(tests/unit/test_pipeline_schedule.py checks every order). The groups are made on first use,
-by every rank of the world at once (`new_group` is collective over the default group), which
-the executors' calls are: all ranks run the step.
+link's messages in issue order, ignoring tags, and runs a pair of ranks' sends and receives
+of one group one after another on one CUDA stream: a receive posted ahead would hold up a
+later send to the same neighbour, whose receiver may be waiting for just that send. So every
+(stream, direction of travel) has its own process group with the pipeline group's ranks and
+timeout (`stream_groups`: up, to a lower pipeline rank, or down): within one, a pair of
+ranks only sends one way, both sides agree on the order (tests/unit/test_pipeline_schedule.py
+checks every order), and a posted receive waits for nothing but its own message. The groups
+are made on first use, by every rank of the world at once (`new_group` is collective over the
+default group), which the executors' calls are: all ranks run the step.
 
 Failures. A receive whose sender has died fails at once (gloo: "Connection closed by
 peer"); one whose sender is alive but never sends (stuck, or in its own error handling)
@@ -45,19 +49,22 @@ from megatron_dsv3.overlap import link
 ACTIVATION = 0
 GRADIENT = 1
 _STREAMS = {ACTIVATION: "an activation", GRADIENT: "a gradient"}
-_stream_groups: dict[tuple[int, ...], dict[int, dist.ProcessGroup]] = {}  # pipeline's global ranks -> per stream
+_DIRECTIONS = (False, True)  # does the message go down, to a higher pipeline rank
+_stream_groups: dict[tuple[int, ...], dict[tuple[int, bool], dist.ProcessGroup]] = {}  # pipeline's global ranks -> groups
 
 
-def stream_groups(group: dist.ProcessGroup, device: torch.device) -> dict[int, dist.ProcessGroup]:
-    """One process group per stream, with `group`'s ranks, backend and timeout (module note).
-    The first call is a collective over the whole world."""
+def stream_groups(group: dist.ProcessGroup, device: torch.device) -> dict[tuple[int, bool], dist.ProcessGroup]:
+    """One process group per (stream, direction of travel: down to a higher rank or not), with
+    `group`'s ranks, backend and timeout (module note). The first call is a collective over the
+    whole world."""
     ranks = tuple(dist.get_process_group_ranks(group))
     if ranks not in _stream_groups:
         every = [None] * dist.get_world_size()
         dist.all_gather_object(every, ranks)
         timeout = group._get_backend(device).options._timeout  # the pipeline group's (module note)
         for pipeline in sorted(set(every)):  # the same new_group calls, in the same order, on every rank
-            groups = {stream: dist.new_group(list(pipeline), timeout=timeout, backend=dist.get_backend(group)) for stream in _STREAMS}
+            groups = {(stream, down): dist.new_group(list(pipeline), timeout=timeout, backend=dist.get_backend(group))
+                      for stream in _STREAMS for down in _DIRECTIONS}
             if pipeline == ranks:
                 _stream_groups[ranks] = groups
     return _stream_groups[ranks]
@@ -65,7 +72,7 @@ def stream_groups(group: dist.ProcessGroup, device: torch.device) -> dict[int, d
 
 class NeighbourP2P:
     """Sends and receives boundary tensors to pipeline ranks of `group` (group ranks, not
-    global ones), each stream over its own group; receives posted ahead (module note)."""
+    global ones), each (stream, direction) over its own group; receives posted ahead (module note)."""
 
     def __init__(self, group: dist.ProcessGroup, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
         self.group = group
@@ -91,7 +98,8 @@ class NeighbourP2P:
         self._to_post[key] -= 1
         from_rank, stream = key
         tensor = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-        self._posted[key] = (tensor, link.irecv(tensor, src=self._global_ranks[from_rank], group=self._streams[stream]))
+        group = self._streams[stream, self.group.rank() > from_rank]
+        self._posted[key] = (tensor, link.irecv(tensor, src=self._global_ranks[from_rank], group=group))
 
     def send(self, tensor: torch.Tensor, to_rank: int, stream: int) -> None:
         if tuple(tensor.shape) != self.shape or tensor.dtype != self.dtype:
@@ -101,8 +109,9 @@ class NeighbourP2P:
             )
         while self._in_flight and self._in_flight[0].is_completed():  # sends complete about in order
             self._in_flight.popleft()
-        self._in_flight.append(link.isend(tensor.detach().contiguous(), dst=self._global_ranks[to_rank],
-                                          group=self._streams[stream]))  # it holds the payload until sent
+        group = self._streams[stream, to_rank > self.group.rank()]
+        self._in_flight.append(link.isend(tensor.detach().contiguous(), dst=self._global_ranks[to_rank], group=group))
+        # the transfer holds the payload until it is sent
 
     def recv(self, from_rank: int, stream: int) -> torch.Tensor:
         """The next tensor of `stream` from `from_rank` (announced by `expect`), once it is here."""

@@ -278,9 +278,10 @@ def _link_traffic(order, placement):
 @pytest.mark.parametrize("name", ["dualpipe", "dualpipev"])
 @pytest.mark.parametrize("num_ranks", [2, 4, 8])
 def test_each_stream_of_each_link_is_received_in_the_order_it_is_sent(name, num_ranks):
-    """NCCL matches a link's messages in issue order (no tags): with one group per stream
-    (pipeline/comm.py), every link's stream must be received in the order it is sent. One
-    group for both streams would not do: the two interleave differently on the two sides."""
+    """NCCL matches a link's messages in issue order (no tags): with one group per stream and
+    direction of travel (pipeline/comm.py), every link's stream must be received in the order
+    it is sent. One group for both streams would not do: the two interleave differently on the
+    two sides."""
     spec = SCHEDULES[name]
     interleaved_differently = False
     for num_microbatches in (2 * num_ranks, 2 * num_ranks + 4, 3 * num_ranks):
