@@ -47,8 +47,11 @@ the costs (`simulate.MeasuredCosts`) with which the simulator replays each sched
 P2P free: ours' and torch's DualPipeV (one order), and 1F1B with stage r = DualPipeV's
 stages 2r and 2r+1 back to back. Each schedule's measured median is set against its
 predicted step (`measured_over_predicted`), with the predicted bubble and ours' recorded
-one. The costs are ours: torch's DualPipeV runs the same order with its own per-action costs
-(its W split walks the autograd graph), so its ratio also says how much dearer they are.
+one (both the idlest rank's). The costs are ours: torch's DualPipeV runs the same order with
+its own actions and P2P, so its ratio says how much dearer those are (the profile says where:
+its model time, which includes the autograd work of its W split, and its waits). The 1F1B
+prediction sums two stages' measured actions per 1F1B action, with their per-action overheads
+and, where a stage ran no full backward, its B + W: a little high (`_predict`).
 
 Profile (`profile_steps` > 0). Then that many steps of each schedule run under cProfile,
 and each function's self time is put in a category (`_category`): the schedule's own Python,
@@ -189,7 +192,9 @@ def _predict(timelines: list[Timeline], schedules: dict, setup: PeersSetup) -> l
 
     Ours and torch's DualPipeV run the same order on the same chunks: one prediction. torch's
     1F1B stage r is DualPipeV's stages 2r and 2r+1 run one after the other: its F and full
-    backward are their sums."""
+    backward are their sums, a stage's full backward its measured BW where the order has one,
+    else its B + W (which costs a little more: the W split's own work). Each summed action
+    also brings its own per-action overhead, so this prediction is a little high."""
     costs = MeasuredCosts.from_timelines(timelines)
     placement = timelines[0].placement
     holder = {stage: (rank, chunk) for rank, chunks in enumerate(placement.stage_of) for chunk, (_, stage) in enumerate(chunks)}
@@ -200,9 +205,14 @@ def _predict(timelines: list[Timeline], schedules: dict, setup: PeersSetup) -> l
 
     stage_costs = [{"stage": stage, "rank": holder[stage][0], "F": of("F", stage), "B": of("B", stage), "W": of("W", stage),
                     "FB": of("FB", stage)} for stage in range(placement.num_stages)]
+    def full_backward(stage: int) -> float:
+        rank, chunk = holder[stage]
+        return costs.seconds.get((rank, "BW", chunk)) or of("B", stage) + of("W", stage)
+
+    halves = {rank: (2 * rank, 2 * rank + 1) for rank in range(setup.num_ranks)}
     one_f_one_b = MeasuredCosts({
-        key: sum(of(kind, stage) for stage in (2 * rank, 2 * rank + 1) for kind in kinds)
-        for rank in range(setup.num_ranks) for key, kinds in (((rank, "F", 0), ("F",)), ((rank, "BW", 0), ("B", "W")))
+        **{(rank, "F", 0): sum(of("F", stage) for stage in stages) for rank, stages in halves.items()},
+        **{(rank, "BW", 0): sum(full_backward(stage) for stage in stages) for rank, stages in halves.items()},
     })
     replays = {
         "dualpipev": simulate_schedule(DUALPIPEV, setup.num_ranks, setup.num_microbatches, costs),
@@ -218,9 +228,10 @@ def _predict(timelines: list[Timeline], schedules: dict, setup: PeersSetup) -> l
 
 
 def _computed_bubble(timeline: Timeline) -> float:
-    """A recorded step's bubble: the makespan less the time the busiest rank computed (its
-    actions' wall time less what they spent blocked)."""
-    return timeline.makespan() - max(
+    """A recorded step's bubble as the simulator defines it (`Timeline.bubble`): the makespan
+    less the time a rank computed (its actions' wall time less what they spent blocked), for
+    the idlest rank."""
+    return timeline.makespan() - min(
         sum(r.end - r.start - r.p2p_blocked - r.a2a_blocked for r in timeline.of_rank(rank))
         for rank in range(timeline.placement.num_ranks)
     )
@@ -395,6 +406,8 @@ def _profile(schedules: dict[str, _Schedule], setup: PeersSetup, group) -> dict 
     schedule: `ranks`, each rank's actions per step, ms per step by category and host overhead
     per action, (schedule + comm_issue) / actions; and `overhead_ms_per_action`, the same over
     all ranks together (their overhead over their actions)."""
+    # torch's schedules run the compute actions of these orders (ScheduleDualPipeV's per-rank
+    # operations, torch 2.14: as many F, B, W and overlapped F&B as ours; 1F1B: M forwards, M backwards)
     orders = {"ours_dualpipev": DUALPIPEV, "torch_dualpipev": DUALPIPEV, "torch_1f1b": SCHEDULES["1f1b"]}
     rows = {}
     for name, schedule in schedules.items():

@@ -9,7 +9,7 @@ asynchronously (`async_op=True`: gloo runs it on its own threads, NCCL on its co
 stream) and returns a `Transfer`; the consumer calls `wait()` when it needs the data, and may
 compute something else in between (the FB overlap, overlap/handover.py). A receive is posted
 (`irecv`) and waited for (`Receive.wait()`) when its data is needed: pipeline/comm.py posts
-each one as soon as the one before it on its stream has arrived.
+each one as soon as the one before it from the same neighbour and stream has been taken.
 
 Emulated link (opt-in, process-wide; every rank of a job must set the same one: `emulate`,
 `--emulate-link GBPS,LATENCY_US` in the training CLI and `bench overlap`). GBPS is in 10^9

@@ -34,12 +34,15 @@ torch 2.14). That timeout is the one the group was created with: Megatron's
 `--distributed-timeout-minutes`, default 30), not `init_process_group(timeout=...)`, which
 only sets the default group's; a launcher wanting a short bound must set the former (and
 the latter for the default group's collectives). `recv` re-raises either error naming both
-pipeline ranks and the stream (tests/distributed/test_pipeline_failure.py).
+pipeline ranks and the stream (tests/distributed/test_pipeline_failure.py), and so do a send
+and the posting of a receive (gloo fails them at once when the peer's process has exited). A
+step that fails with receives posted leaves them in the groups, where they would take a later
+step's messages: the process then refuses another step over that pipeline (`abandon`).
 """
 
 from __future__ import annotations
 
-from collections import deque
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -51,6 +54,7 @@ GRADIENT = 1
 _STREAMS = {ACTIVATION: "an activation", GRADIENT: "a gradient"}
 _DIRECTIONS = (False, True)  # does the message go down, to a higher pipeline rank
 _stream_groups: dict[tuple[int, ...], dict[tuple[int, bool], dist.ProcessGroup]] = {}  # pipeline's global ranks -> groups
+_abandoned: set[tuple[int, ...]] = set()  # pipelines whose step failed with receives posted (NeighbourP2P.abandon)
 
 
 def stream_groups(group: dist.ProcessGroup, device: torch.device) -> dict[tuple[int, bool], dist.ProcessGroup]:
@@ -80,10 +84,28 @@ class NeighbourP2P:
         self.dtype = dtype
         self.device = device
         self._global_ranks = dist.get_process_group_ranks(group)
+        if tuple(self._global_ranks) in _abandoned:
+            raise RuntimeError(
+                f"pipeline rank {group.rank()}: an earlier step of this process failed with pipeline receives posted; "
+                "their messages would be taken by this step's receives. Fix: restart the job (e.g. from its last checkpoint)."
+            )
         self._streams = stream_groups(group, device)
-        self._in_flight: deque[link.Transfer] = deque()
+        self._in_flight: list[link.Transfer] = []
         self._to_post: dict[tuple[int, int], int] = {}  # (from rank, stream) -> receives not yet posted
         self._posted: dict[tuple[int, int], tuple[torch.Tensor, link.Receive]] = {}
+
+    @contextmanager
+    def _named_failure(self, doing: str, other: int, stream: int):
+        """torch's error of a transfer (a dead peer fails at posting, a hung one at the wait),
+        re-raised naming both pipeline ranks and the stream."""
+        try:
+            yield
+        except RuntimeError as error:  # torch's DistBackendError is one
+            raise RuntimeError(
+                f"pipeline rank {self.group.rank()}: {doing} {_STREAMS[stream]} {'from' if doing == 'receiving' else 'to'} "
+                f"pipeline rank {other} failed: {error}. That rank failed, hangs, or is unreachable (see its own error); "
+                f"one that hangs is detected only after the pipeline group's timeout. {link.TIMEOUT_FIX}"
+            ) from error
 
     def expect(self, receives: dict[tuple[int, int], int]) -> None:
         """The step's receives, as counts per (from rank, stream); posts the first of each."""
@@ -99,7 +121,8 @@ class NeighbourP2P:
         from_rank, stream = key
         tensor = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         group = self._streams[stream, self.group.rank() > from_rank]
-        self._posted[key] = (tensor, link.irecv(tensor, src=self._global_ranks[from_rank], group=group))
+        with self._named_failure("receiving", from_rank, stream):
+            self._posted[key] = (tensor, link.irecv(tensor, src=self._global_ranks[from_rank], group=group))
 
     def send(self, tensor: torch.Tensor, to_rank: int, stream: int) -> None:
         if tuple(tensor.shape) != self.shape or tensor.dtype != self.dtype:
@@ -107,11 +130,11 @@ class NeighbourP2P:
                 f"sending a {tuple(tensor.shape)} {tensor.dtype} tensor to pipeline rank {to_rank}; the boundary is "
                 f"{self.shape} {self.dtype}. Fix: seq_length / micro_batch_size / config.pipeline_dtype must match the data."
             )
-        while self._in_flight and self._in_flight[0].is_completed():  # sends complete about in order
-            self._in_flight.popleft()
+        self._in_flight = [t for t in self._in_flight if not t.is_completed()]  # any order: their payloads go
         group = self._streams[stream, to_rank > self.group.rank()]
-        self._in_flight.append(link.isend(tensor.detach().contiguous(), dst=self._global_ranks[to_rank], group=group))
-        # the transfer holds the payload until it is sent
+        with self._named_failure("sending", to_rank, stream):
+            # the transfer holds the payload until it is sent
+            self._in_flight.append(link.isend(tensor.detach().contiguous(), dst=self._global_ranks[to_rank], group=group))
 
     def recv(self, from_rank: int, stream: int) -> torch.Tensor:
         """The next tensor of `stream` from `from_rank` (announced by `expect`), once it is here."""
@@ -120,14 +143,8 @@ class NeighbourP2P:
             raise RuntimeError(f"pipeline rank {self.group.rank()}: receiving {_STREAMS[stream]} from pipeline rank "
                                f"{from_rank} that the step did not announce (expect): the executor's count is wrong.")
         tensor, receive = self._posted.pop(key)
-        try:
+        with self._named_failure("receiving", from_rank, stream):
             receive.wait()
-        except RuntimeError as error:  # torch's DistBackendError is one
-            raise RuntimeError(
-                f"pipeline rank {self.group.rank()}: receiving {_STREAMS[stream]} from pipeline rank {from_rank} failed: "
-                f"{error}. That rank failed, hangs, or is unreachable (see its own error); one that hangs is detected "
-                f"only after the pipeline group's timeout. {link.TIMEOUT_FIX}"
-            ) from error
         self._post(key)
         return tensor
 
@@ -135,7 +152,14 @@ class NeighbourP2P:
         """The end of a step: every send done, every announced receive taken."""
         for transfer in self._in_flight:
             transfer.wait()
-        self._in_flight.clear()
-        if self._to_post or self._posted:
+        self._in_flight = []
+        left = sorted(set(self._to_post) | set(self._posted))
+        if left:
             raise RuntimeError(f"pipeline rank {self.group.rank()}: the step ended with receives announced but not taken: "
-                               f"{sorted(set(self._to_post) | set(self._posted))}")
+                               + ", ".join(f"{_STREAMS[stream]} from pipeline rank {rank}" for rank, stream in left))
+
+    def abandon(self) -> None:
+        """A step failed: receives it posted would take the messages of a later step's, so this
+        process runs no more steps over this pipeline (a later NeighbourP2P refuses, naming the fix)."""
+        if self._posted:
+            _abandoned.add(tuple(self._global_ranks))

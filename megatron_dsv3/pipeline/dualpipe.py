@@ -27,10 +27,10 @@ a dict), or none (it takes tokens, or it computes the loss). Each rank walks its
        runs the forward, then the backward.
 Reusing Megatron's forward_step / backward_step sets the MoE and MTP loss scales, divides
 the loss by the micro-batch count and applies `grad_scale_func`, as upstream schedules do.
-Sends are non-blocking; receives are posted ahead, each as soon as the one before it on its
-stream has arrived, and waited for when an action needs the data (comm.py), so a rank waits
-only for what its next action needs; the orders are deadlock-free under that rule
-(simulate.py replays them).
+Sends are non-blocking; receives are posted ahead, each as soon as the one before it from
+the same neighbour and stream has been taken, and waited for when an action needs the data
+(comm.py), so a rank waits only for what its next action needs; the orders are deadlock-free
+under that rule (simulate.py replays them).
 DDP's sync of a chunk must see the B and the W of its last micro-batch: both run outside
 `no_sync`. DualPipe's mirrors (rank r's chunk 0 and rank P-1-r's chunk 1) sum their expert
 loads before `finalize_model_grads` and their gradients after it (`_sum_with_mirror`), so both
@@ -399,7 +399,22 @@ class _RankExecutor:
             for chunk in self.model:
                 enable_weight_grad_deferral(chunk)
             self.grad_sync.hold()
-        self.p2p.expect(self._remote_receives(actions))
+        try:
+            self.p2p.expect(self._remote_receives(actions))
+            self._run_actions(actions)
+        except BaseException:
+            self.p2p.abandon()  # its posted receives would take a later step's messages (comm.py)
+            raise
+        self.p2p.wait_all()
+        if len(self.weight_grads):
+            raise RuntimeError(f"rank {self.rank}: {len(self.weight_grads)} deferred B's had no W in the order.")
+        if not self.forward_only:
+            self.grad_sync.release()
+            if self.config.grad_sync_func is not None:
+                for chunk, func in enumerate(_per_chunk(self.config.grad_sync_func, len(self.model))):
+                    func(self.model[chunk].parameters())
+
+    def _run_actions(self, actions) -> None:
         for action in actions:
             self.handovers = []
             if self.timeline is None:
@@ -412,14 +427,6 @@ class _RankExecutor:
                 self.rank, action, start, end, a2a_blocked=spent["a2a_blocked"], p2p_blocked=spent["p2p_blocked"],
                 a2a_comm=spent["a2a_comm"], handovers=tuple(f"{task}: {label}" for task, label in self.handovers),
             ))
-        self.p2p.wait_all()
-        if len(self.weight_grads):
-            raise RuntimeError(f"rank {self.rank}: {len(self.weight_grads)} deferred B's had no W in the order.")
-        if not self.forward_only:
-            self.grad_sync.release()
-            if self.config.grad_sync_func is not None:
-                for chunk, func in enumerate(_per_chunk(self.config.grad_sync_func, len(self.model))):
-                    func(self.model[chunk].parameters())
 
     def run_action(self, action: schedule.Action) -> None:
         if action.kind == "F" or (self.forward_only and action.kind == "FB"):
@@ -441,8 +448,13 @@ class _RankExecutor:
         receives = collections.Counter()
         for action in actions:
             for kind, chunk, _ in action.computations():
-                stream, neighbour = {"F": (ACTIVATION, self.previous[chunk]), "B": (GRADIENT, self.next[chunk])}.get(kind, (None, None))
-                if neighbour is not None and neighbour.rank != self.rank and not (self.forward_only and kind == "B"):
+                if kind == "F":
+                    stream, neighbour = ACTIVATION, self.previous[chunk]
+                elif kind == "B" and not self.forward_only:
+                    stream, neighbour = GRADIENT, self.next[chunk]
+                else:
+                    continue
+                if neighbour is not None and neighbour.rank != self.rank:
                     receives[neighbour.rank, stream] += 1
         return receives
 

@@ -6,7 +6,8 @@ handling would), so rank 0 cannot learn of the failure from a closed socket: it 
 in a receive for rank 1's next activation and must give up after the pipeline group's
 timeout (`initialize_model_parallel(distributed_timeout_minutes=...)`, which a training
 launcher must set too; the default is 30 minutes). Both processes must exit non-zero within
-the bound, rank 0 on the timeout (not on rank 1's exit). torch.compile is off in both (tests/conftest.py): its
+the bound, rank 0 on the timeout (not on rank 1's exit). Rank 1 then refuses a second step
+before any communication: its failed step left receives posted. torch.compile is off in both (tests/conftest.py): its
 first call (Megatron's fused router functions) can take longer than the short timeout, and a
 rank waiting on it would time out before the injected failure.
 """
@@ -60,14 +61,22 @@ def _main(rank: int, port: int, out_dir: str):
             raise RuntimeError("injected failure at rank 1's third action")
         return forward_step(data_iterator, model)
 
+    def step():
+        dualpipev.forward_backward_func(forward_step_func=failing_forward_step, data_iterator=_batches(config.vocab_size), model=chunks,
+                                        num_microbatches=NUM_MICROBATCHES, seq_length=SEQ, micro_batch_size=MICRO_BATCH)
+
     start = time.monotonic()
     try:
-        dualpipev.forward_backward_func(forward_step_func=failing_forward_step, data_iterator=_batches(config.vocab_size), model=chunks,
-                                   num_microbatches=NUM_MICROBATCHES, seq_length=SEQ, micro_batch_size=MICRO_BATCH)
+        step()
     except Exception:
         with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
             f.write(f"{time.monotonic() - start:.1f}\n{traceback.format_exc()}")
         if rank == 1:
+            try:  # its receives posted for the failed step would take the next step's messages
+                step()
+            except RuntimeError as error:
+                with open(os.path.join(out_dir, "rank1-next-step.txt"), "w") as f:
+                    f.write(str(error))
             time.sleep(LINGER_S)
         raise
     torch.distributed.destroy_process_group()
@@ -96,3 +105,5 @@ def test_a_failing_rank_makes_the_other_fail_within_a_bound(tmp_path):
     assert float(rank0.splitlines()[0]) < BOUND_S
     assert "Timed out" in rank0  # gloo's timeout, while rank 1 still lingered
     assert "pipeline rank 0" in rank0 and "from pipeline rank 1" in rank0
+    # rank 1 refuses another step: the failed one left receives posted (pipeline/comm.py)
+    assert "an earlier step of this process failed with pipeline receives posted" in (tmp_path / "rank1-next-step.txt").read_text()
