@@ -42,8 +42,6 @@ step's messages: the process then refuses another step over that pipeline (`aban
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 import torch.distributed as dist
 
@@ -94,18 +92,14 @@ class NeighbourP2P:
         self._to_post: dict[tuple[int, int], int] = {}  # (from rank, stream) -> receives not yet posted
         self._posted: dict[tuple[int, int], tuple[torch.Tensor, link.Receive]] = {}
 
-    @contextmanager
-    def _named_failure(self, doing: str, other: int, stream: int):
+    def _named(self, error: RuntimeError, doing: str, other: int, stream: int) -> RuntimeError:
         """torch's error of a transfer (a dead peer fails at posting, a hung one at the wait),
-        re-raised naming both pipeline ranks and the stream."""
-        try:
-            yield
-        except RuntimeError as error:  # torch's DistBackendError is one
-            raise RuntimeError(
-                f"pipeline rank {self.group.rank()}: {doing} {_STREAMS[stream]} {'from' if doing == 'receiving' else 'to'} "
-                f"pipeline rank {other} failed: {error}. That rank failed, hangs, or is unreachable (see its own error); "
-                f"one that hangs is detected only after the pipeline group's timeout. {link.TIMEOUT_FIX}"
-            ) from error
+        naming both pipeline ranks and the stream."""
+        return RuntimeError(
+            f"pipeline rank {self.group.rank()}: {doing} {_STREAMS[stream]} {'from' if doing == 'receiving' else 'to'} "
+            f"pipeline rank {other} failed: {error}. That rank failed, hangs, or is unreachable (see its own error); "
+            f"one that hangs is detected only after the pipeline group's timeout. {link.TIMEOUT_FIX}"
+        )
 
     def expect(self, receives: dict[tuple[int, int], int]) -> None:
         """The step's receives, as counts per (from rank, stream); posts the first of each."""
@@ -121,8 +115,10 @@ class NeighbourP2P:
         from_rank, stream = key
         tensor = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         group = self._streams[stream, self.group.rank() > from_rank]
-        with self._named_failure("receiving", from_rank, stream):
+        try:
             self._posted[key] = (tensor, link.irecv(tensor, src=self._global_ranks[from_rank], group=group))
+        except RuntimeError as error:  # torch's DistBackendError is one
+            raise self._named(error, "receiving", from_rank, stream) from error
 
     def send(self, tensor: torch.Tensor, to_rank: int, stream: int) -> None:
         if tuple(tensor.shape) != self.shape or tensor.dtype != self.dtype:
@@ -132,9 +128,10 @@ class NeighbourP2P:
             )
         self._in_flight = [t for t in self._in_flight if not t.is_completed()]  # any order: their payloads go
         group = self._streams[stream, to_rank > self.group.rank()]
-        with self._named_failure("sending", to_rank, stream):
-            # the transfer holds the payload until it is sent
+        try:  # the transfer holds the payload until it is sent
             self._in_flight.append(link.isend(tensor.detach().contiguous(), dst=self._global_ranks[to_rank], group=group))
+        except RuntimeError as error:
+            raise self._named(error, "sending", to_rank, stream) from error
 
     def recv(self, from_rank: int, stream: int) -> torch.Tensor:
         """The next tensor of `stream` from `from_rank` (announced by `expect`), once it is here."""
@@ -143,8 +140,10 @@ class NeighbourP2P:
             raise RuntimeError(f"pipeline rank {self.group.rank()}: receiving {_STREAMS[stream]} from pipeline rank "
                                f"{from_rank} that the step did not announce (expect): the executor's count is wrong.")
         tensor, receive = self._posted.pop(key)
-        with self._named_failure("receiving", from_rank, stream):
+        try:
             receive.wait()
+        except RuntimeError as error:
+            raise self._named(error, "receiving", from_rank, stream) from error
         self._post(key)
         return tensor
 
