@@ -35,10 +35,10 @@ def fresh_megatron_globals():
     """Megatron's process-global state starts each test as in a fresh process: no MoE metrics
     tracker (sized by the first model that records into it, so an in-process run of one model
     size, the compact loop or generation, would leave it too small for the next test's model),
-    and the MoE auxiliary and MTP loss scales at 1 (Megatron's schedules set them to a shape-[1]
-    tensor, which a test that runs a backward of its own would inherit)."""
+    the MoE auxiliary loss scale unset (Megatron's schedules copy a shape-[1] scale into the set
+    one, which fails if a test set a 0-d one) and the MTP loss scale at its default of 1."""
     destroy_moe_metrics_tracker()
-    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
     MTPLossAutoScaler.set_loss_scale(torch.tensor(1.0))
     yield
 
