@@ -223,18 +223,8 @@ def _predict(timelines: list[Timeline], schedules: dict, setup: PeersSetup) -> l
         row["predicted_step_s"] = replay.makespan()
         row["predicted_bubble_s"] = replay.bubble()
         row["measured_over_predicted"] = row["median_step_s"] / replay.makespan()
-    schedules["ours_dualpipev"]["recorded_bubble_s"] = statistics.median(_computed_bubble(t) for t in timelines)
+    schedules["ours_dualpipev"]["recorded_bubble_s"] = statistics.median(t.bubble() for t in timelines)
     return stage_costs
-
-
-def _computed_bubble(timeline: Timeline) -> float:
-    """A recorded step's bubble as the simulator defines it (`Timeline.bubble`): the makespan
-    less the time a rank computed (its actions' wall time less what they spent blocked), for
-    the idlest rank."""
-    return timeline.makespan() - min(
-        sum(r.end - r.start - r.p2p_blocked - r.a2a_blocked for r in timeline.of_rank(rank))
-        for rank in range(timeline.placement.num_ranks)
-    )
 
 
 def format_peers(peers: dict) -> str:

@@ -91,7 +91,7 @@ class MeasuredCosts:
         samples: dict[tuple[int, str, int], list[float]] = defaultdict(list)
         for timeline in timelines:
             for r in timeline.records:
-                samples[r.rank, r.action.kind, r.action.chunk].append(r.end - r.start - r.p2p_blocked - r.a2a_blocked)
+                samples[r.rank, r.action.kind, r.action.chunk].append(r.computing)
         return cls({key: statistics.median(values) for key, values in samples.items()})
 
     def of(self, rank: int, kind: str, chunk: int) -> float:
@@ -122,6 +122,11 @@ class TimedAction:
     a2a_comm: float = 0.0
     handovers: tuple[str, ...] = ()
 
+    @property
+    def computing(self) -> float:
+        """The time it computed: its wall time less its time blocked (all of it, replayed)."""
+        return self.end - self.start - self.p2p_blocked - self.a2a_blocked
+
 
 @dataclass(frozen=True)
 class Timeline:
@@ -139,9 +144,9 @@ class Timeline:
         return max(r.end for r in self.records) - min(r.start for r in self.records)
 
     def rank_bubbles(self) -> list[float]:
-        """Per rank: makespan minus the time it computes."""
+        """Per rank: makespan minus the time it computes (a recorded action's time blocked is idle)."""
         makespan = self.makespan()
-        return [makespan - sum(r.end - r.start for r in self.of_rank(rank)) for rank in range(self.placement.num_ranks)]
+        return [makespan - sum(r.computing for r in self.of_rank(rank)) for rank in range(self.placement.num_ranks)]
 
     def bubble(self) -> float:
         """The pipeline bubble per global batch: the largest bubble of a rank."""
